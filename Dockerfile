@@ -1,0 +1,82 @@
+# syntax=docker/dockerfile:1
+# AI-Sight CPU serving image.
+#
+#   docker build -t aisight:dev .
+#   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp aisight:dev
+#
+# Image name used by k8s/ (kustomize `images:` entries): aisight
+# Configuration is by environment variables only (see docs/deploy.md).
+
+# Same interpreter in both stages: the virtualenv built in `build` is copied
+# as-is into `runtime`, so its paths and ABI must match.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------- build stage
+FROM ${PYTHON_IMAGE} AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# Dependencies first, so code changes do not invalidate this layer.
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
+
+# -------------------------------------------------------------- runtime stage
+FROM ${PYTHON_IMAGE} AS runtime
+
+LABEL org.opencontainers.image.title="aisight" \
+      org.opencontainers.image.description="AI-Sight retinal fundus screening, CPU serving"
+
+# Fixed numeric IDs: Kubernetes runAsNonRoot can only verify numeric users,
+# and k8s/base pins the same UID/GID in its securityContext.
+RUN groupadd --system --gid 10001 aisight \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /tmp \
+      --no-create-home --shell /usr/sbin/nologin aisight
+
+COPY --from=build /opt/venv /opt/venv
+
+WORKDIR /app
+# Code and model stay root-owned and read-only for the app user.
+COPY app.py gunicorn.conf.py ./
+COPY aisight/ aisight/
+COPY training/ training/
+COPY templates/ templates/
+COPY static/ static/
+COPY model/ model/
+# Byte-compile now: at run time the root filesystem is read-only.
+RUN python -m compileall -q app.py gunicorn.conf.py aisight training
+
+# HOME/KERAS_HOME/MPLCONFIGDIR/TMPDIR point at /tmp, the only writable place
+# (an emptyDir in Kubernetes, --tmpfs /tmp with docker run --read-only).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    WEB_CONCURRENCY=2 \
+    GUNICORN_THREADS=4 \
+    GUNICORN_TIMEOUT=120 \
+    AISIGHT_MODEL_DIR=/app/model \
+    AISIGHT_MAX_UPLOAD_MB=20 \
+    AISIGHT_GATE=on \
+    HOME=/tmp \
+    KERAS_HOME=/tmp/keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    TMPDIR=/tmp \
+    TF_CPP_MIN_LOG_LEVEL=1
+
+USER 10001:10001
+EXPOSE 8000
+
+# For plain `docker run`; Kubernetes ignores it and uses the probes in k8s/.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+
+# Exec form: gunicorn is PID 1 and receives SIGTERM directly for a graceful
+# shutdown. No --preload: TensorFlow is not fork-safe, each worker loads the
+# model after fork (see gunicorn.conf.py).
+ENTRYPOINT ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
