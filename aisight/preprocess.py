@@ -1,0 +1,133 @@
+"""Turn uploaded bytes into the model's input: the one path shared by serving and training."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # HEIC/HEIF (iPhone photos); optional so the core still imports without it.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # pragma: no cover - the pinned requirements include it
+    HEIF_SUPPORTED = False
+
+IMAGE_SIZE = 128
+INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+# About 50 megapixels: larger uploads are refused before any pixel is decoded (decompression bombs).
+MAX_PIXELS = 50_000_000
+# Formats a user may upload; MPO is what many phone cameras call their JPEGs.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF"})
+# Decode JPEGs at a reduced scale no smaller than this (Pillow's draft mode picks 1/2, 1/4 or 1/8).
+DRAFT_SIZE = (2 * IMAGE_SIZE, 2 * IMAGE_SIZE)
+
+# Our own pixel limit runs first; Pillow's bomb check stays on as a second line of defence.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """An upload that cannot become a model input; carries an HTTP status and a stable code."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def open_image(data: bytes, *, draft: bool = True) -> Image.Image:
+    """Decode bytes into an upright RGB image, refusing non-images, bombs and corrupt files.
+
+    With ``draft`` a large JPEG is decoded at a reduced scale (still at least twice the model's input
+    size), which is what makes a 12 MP phone photo cheap.
+    """
+    if not data:
+        raise ImageError("empty_file", "The uploaded file is empty.", 400)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(
+            "unsupported_media_type",
+            "This file is not an image we can read. Upload a JPEG, PNG, WebP, BMP, TIFF, GIF or HEIC photo.",
+            415,
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large() from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError("corrupt_image", f"The image could not be read ({exc}).", 400) from None
+
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(
+            "unsupported_media_type",
+            f"{img.format} images are not supported. Upload a JPEG, PNG, WebP, BMP, TIFF, GIF or HEIC photo.",
+            415,
+        )
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise _too_large()
+    if width < 1 or height < 1:
+        raise ImageError("corrupt_image", "The image has no pixels.", 400)
+
+    try:
+        if draft and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", DRAFT_SIZE)
+        img.seek(0)  # GIF/TIFF/HEIF: the first frame only
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large() from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        raise ImageError("corrupt_image", f"The image is truncated or corrupt ({exc}).", 400) from None
+
+
+def _too_large() -> ImageError:
+    return ImageError(
+        "image_too_large",
+        f"The image has more than {MAX_PIXELS // 1_000_000} megapixels. Upload a smaller photo.",
+        413,
+    )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; alpha is dropped (not composited), as the paper does."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16/32-bit greyscale: scale to 8 bits instead of letting Pillow clip everything above 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA")  # applies palette transparency, which RGB then drops
+    if mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Resize an RGB image to size x size x 3 uint8, as the paper does (no crop, aspect not kept)."""
+    out = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(out, dtype=np.uint8)
+    if arr.shape != (size, size, 3):  # defensive: to_rgb guarantees 3 channels
+        raise ImageError("corrupt_image", "The image could not be converted to RGB.", 400)
+    return arr
+
+
+def preprocess_bytes(data: bytes, *, draft: bool = True) -> np.ndarray:
+    """Return the model input (128x128x3 uint8 RGB) for an uploaded file's bytes."""
+    return resize(open_image(data, draft=draft))
+
+
+def preprocess_path(path: str | Path, *, draft: bool = True) -> np.ndarray:
+    """Return the model input for an image file; what training uses, so it matches serving exactly."""
+    return preprocess_bytes(Path(path).read_bytes(), draft=draft)

@@ -1,0 +1,34 @@
+"""Export a trained model as the serving artifact (model.keras + model_card.json)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from aisight import LABELS
+from aisight.artifact import MODEL_FILE, write_card
+from aisight.preprocess import INPUT_SHAPE
+from training.models import last_conv_layer
+
+
+def export_artifact(model, out_dir: str | Path, card: dict[str, Any]) -> Path:
+    """Save ``model`` in float32 Keras format with a card completed by the fields the app needs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = {
+        "name": card.get("name", "aisight"),
+        "version": card.get("version", dt.date.today().isoformat()),
+        "architecture": card.get("architecture", model.name),
+        "labels": list(LABELS),
+        "input_shape": list(INPUT_SHAPE),
+        "input": "RGB uint8 0..255, resized to 128x128 by aisight.preprocess (preprocessing is inside the model)",
+        "threshold": 0.5,
+        "gradcam_layer": last_conv_layer(model),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "params": int(model.count_params()),
+        **card,
+    }
+    model.save(out / MODEL_FILE)
+    write_card(out, full)
+    return out
