@@ -8,8 +8,8 @@ import numpy as np
 
 from training.export import export_artifact
 from training.models import build_model
-from training.train import recalibrate_bn
 from training.synthetic import make_fundus
+from training.train import recalibrate_bn
 
 
 def synthetic_arrays(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ def export_artifact(model, out_dir: str | Path, card: dict[str, Any]) -> Path:
         "input": "RGB uint8 0..255, resized to 128x128 by aisight.preprocess (preprocessing is inside the model)",
         "threshold": 0.5,
         "gradcam_layer": last_conv_layer(model),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "params": int(model.count_params()),
         **card,
     }

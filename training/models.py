@@ -106,8 +106,9 @@ def build_model(
     w = resolve_weights(weights)
     if w == "imagenet" and not imagenet_cached(spec):
         raise RuntimeError(
-            f"ImageNet weights for {spec.name} are not in Keras' cache ({os.environ.get('KERAS_HOME', '~/.keras')}/models) "
-            "and there is no network here: pass --weights none or --weights PATH"
+            f"ImageNet weights for {spec.name} are not in Keras' cache "
+            f"({os.environ.get('KERAS_HOME', '~/.keras')}/models) and there is no network here: "
+            "pass --weights none or --weights PATH"
         )
     inputs = keras.Input(INPUT_SHAPE, name="image")
     x = FamilyPreprocess(spec.preprocess, name="preprocess")(inputs)
@@ -123,7 +124,10 @@ def build_model(
         if is_bn and bn_momentum is not None:
             layer.momentum = bn_momentum
     y = base.output
-    y = keras.layers.Flatten(name="flatten")(y) if head == "flatten" else keras.layers.GlobalAveragePooling2D(name="gap")(y)
+    if head == "flatten":
+        y = keras.layers.Flatten(name="flatten")(y)
+    else:
+        y = keras.layers.GlobalAveragePooling2D(name="gap")(y)
     y = keras.layers.Dropout(dropout, name="dropout")(y)
     outputs = keras.layers.Dense(2, activation="softmax", name="prediction")(y)
     return keras.Model(inputs, outputs, name=f"aisight_{spec.name.lower()}")

@@ -26,5 +26,5 @@ def recalibrate_bn(model, images: np.ndarray, batch_size: int = 32, max_batches:
             layer.momentum = k / (k + 1)  # k=0 replaces the statistics; later batches average in
         batch = images[order[k * batch_size : (k + 1) * batch_size]]
         model(np.asarray(batch, np.float32), training=True)
-    for layer, momentum in zip(bns, saved):
+    for layer, momentum in zip(bns, saved, strict=True):
         layer.momentum = momentum
