@@ -85,6 +85,10 @@ class Predictor:
             raise ValueError(f"expected images of shape (n, {INPUT_SHAPE}), got {images.shape}")
         return self._run(images)
 
+    def predict_one(self, image: np.ndarray) -> float:
+        """Return P(diseased) for one 128x128x3 uint8 image (the request path; may be micro-batched)."""
+        return float(self.predict(image[None])[0])
+
     def _run(self, images: np.ndarray) -> np.ndarray:
         batch = images.astype(np.float32, copy=False)
         # One inference at a time per process: TF already uses every core for one batch, and

@@ -1,0 +1,48 @@
+# AI-Sight: `make run` serves the bundled model, `make test` runs every test. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DATA ?= ../shared/data/fundus-eye4
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test test-all lint model bench venv venv-dev browser
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+run: $(VENV)/.runtime
+	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py "app:create_app()"
+
+# Chromium for the browser tests: installed from Debian when missing and we may (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: browser tests will skip"; }
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+
+test: $(VENV)/.dev browser lint
+	$(PY) -m pytest -q
+
+# Slow tests too (longer training runs).
+test-all: $(VENV)/.dev browser
+	$(PY) -m pytest -q -m "slow or not slow"
+
+model: $(VENV)/.runtime
+	$(PY) -m training train --config configs/bundled.json --data $(DATA) --out model
+
+bench: $(VENV)/.dev
+	$(PY) bench/serve.py

@@ -1,0 +1,52 @@
+"""Fixtures shared by every test: a real (small) model file, generated photos, the real data set."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# ../shared/data/fundus-eye4 beside the checkout; AISIGHT_DATA overrides it.
+FUNDUS_DIR = Path(os.environ.get("AISIGHT_DATA", ROOT.parent / "shared" / "data" / "fundus-eye4"))
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A real Keras model file + card, trained in seconds on generated photos (TinyNet)."""
+    from training.bootstrap import build_synthetic_model
+
+    return build_synthetic_model(tmp_path_factory.mktemp("model"), arch="TinyNet")
+
+
+@pytest.fixture(scope="session")
+def fundus_dir() -> Path:
+    """The real photos, or a skip that says where they were looked for."""
+    if not (FUNDUS_DIR / "manifest.csv").is_file():
+        pytest.skip(f"real fundus photos not found at {FUNDUS_DIR} (set AISIGHT_DATA to use another folder)")
+    return FUNDUS_DIR
+
+
+def fundus_jpeg(diseased: bool = False, size: int = 400, seed: int = 0, quality: int = 92) -> bytes:
+    """A generated fundus-like photo as JPEG bytes."""
+    from training.synthetic import make_fundus
+
+    buf = io.BytesIO()
+    make_fundus(np.random.default_rng(seed), diseased, size=size).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def synthetic_jpeg() -> bytes:
+    return fundus_jpeg()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where tests keep what a person may want to look at afterwards (screenshots)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
