@@ -1,0 +1,278 @@
+"""Datasets: loaders for the supported layouts, patient-level splits, and cached 128x128 arrays."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aisight.preprocess import INPUT_SHAPE, ImageError, preprocess_path
+
+LABELS = ("healthy", "diseased")
+# Original class names (as folders or label values) mapped to the two labels of the task.
+LABEL_ALIASES = {
+    "healthy": "healthy",
+    "normal": "healthy",
+    "0": "healthy",
+    "negative": "healthy",
+    "diseased": "diseased",
+    "disease": "diseased",
+    "1": "diseased",
+    "positive": "diseased",
+    "diabetic_retinopathy": "diseased",
+    "dr": "diseased",
+    "glaucoma": "diseased",
+    "cataract": "diseased",
+    "amd": "diseased",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".heic", ".heif"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given (missing files, unknown labels, an empty class)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One photograph: where it is, its label (0 healthy, 1 diseased) and who it belongs to."""
+
+    path: str
+    label: int
+    patient_id: str
+    source: str = ""
+    original_label: str = ""
+
+
+@dataclass
+class Dataset:
+    """Samples plus what could not be used (listed and counted, not fatal)."""
+
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(LABELS[s.label] for s in self.samples)
+        return {label: c.get(label, 0) for label in LABELS}
+
+
+def to_label(value: str) -> int:
+    """Map a label or original class name to 0 (healthy) or 1 (diseased)."""
+    key = str(value).strip().lower().replace(" ", "_").replace("-", "_")
+    if key not in LABEL_ALIASES:
+        raise DatasetError(f"unknown label {value!r}; known: {', '.join(sorted(LABEL_ALIASES))}")
+    return LABELS.index(LABEL_ALIASES[key])
+
+
+def _check(ds: Dataset, where: Path) -> Dataset:
+    counts = ds.counts()
+    empty = [label for label, n in counts.items() if n == 0]
+    if empty:
+        raise DatasetError(f"{where}: no {' and no '.join(empty)} images found (counts {counts})")
+    return ds
+
+
+def load_manifest(path: str | Path, root: str | Path | None = None) -> Dataset:
+    """Load ``path,label[,patient_id,source,original_label]`` CSV; paths relative to its folder."""
+    path = Path(path)
+    root = Path(root) if root else path.parent
+    if not path.is_file():
+        raise DatasetError(f"manifest not found: {path}")
+    samples, skipped = [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{path}: needs columns path,label (has {reader.fieldnames})")
+        for row in reader:
+            file = root / row["path"]
+            if not file.is_file():
+                skipped.append((str(file), "missing file"))
+                continue
+            samples.append(
+                Sample(
+                    path=str(file),
+                    label=to_label(row["label"]),
+                    patient_id=row.get("patient_id") or file.stem,
+                    source=row.get("source") or "",
+                    original_label=row.get("original_label") or row["label"],
+                )
+            )
+    return _check(Dataset(samples, skipped), path)
+
+
+def load_folders(root: str | Path) -> Dataset:
+    """Load a class-per-folder layout (healthy/, diseased/ or original class names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data folder not found: {root}")
+    samples, skipped = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            label = to_label(sub.name)
+        except DatasetError:
+            skipped.append((str(sub), "folder is not a known class"))
+            continue
+        for file in sorted(sub.rglob("*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                samples.append(Sample(str(file), label, _patient_from_name(file), "", sub.name))
+    return _check(Dataset(samples, skipped), root)
+
+
+def _patient_from_name(file: Path) -> str:
+    """Patient id from ``<id>_<left|right>`` names (both eyes share it); else the file stem."""
+    m = re.match(r"^(.*?)[_-](left|right)$", file.stem, re.IGNORECASE)
+    return m.group(1) if m else file.stem
+
+
+def load_eyepacs(labels_csv: str | Path, image_dir: str | Path | None = None) -> Dataset:
+    """Load EyePACS ``trainLabels.csv`` (image,level): level 0 healthy, 1-4 diseased."""
+    labels_csv = Path(labels_csv)
+    image_dir = Path(image_dir) if image_dir else labels_csv.parent / "train"
+    if not labels_csv.is_file():
+        raise DatasetError(f"EyePACS labels not found: {labels_csv}")
+    files = {p.stem: p for p in image_dir.iterdir()} if image_dir.is_dir() else {}
+    samples, skipped = [], []
+    with open(labels_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            name, level = row["image"], int(row["level"])
+            if name not in files:
+                skipped.append((name, "missing file"))
+                continue
+            original = "healthy" if level == 0 else f"dr_level_{level}"
+            patient = f"eyepacs-{name.split('_')[0]}"
+            samples.append(Sample(str(files[name]), int(level > 0), patient, "eyepacs", original))
+    return _check(Dataset(samples, skipped), labels_csv)
+
+
+def load_origa(labels_csv: str | Path, image_dir: str | Path | None = None) -> Dataset:
+    """Load ORIGA-650: a CSV with a filename column and a 0/1 glaucoma column."""
+    labels_csv = Path(labels_csv)
+    image_dir = Path(image_dir) if image_dir else labels_csv.parent / "images"
+    if not labels_csv.is_file():
+        raise DatasetError(f"ORIGA labels not found: {labels_csv}")
+    samples, skipped = [], []
+    with open(labels_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = {c.lower(): c for c in reader.fieldnames or []}
+        name_col = next((cols[c] for c in ("filename", "image", "file", "name") if c in cols), None)
+        flag_col = next((cols[c] for c in ("glaucoma", "label", "diagnosis") if c in cols), None)
+        if not name_col or not flag_col:
+            raise DatasetError(f"{labels_csv}: needs a filename column and a glaucoma column (has {reader.fieldnames})")
+        for row in reader:
+            file = image_dir / row[name_col]
+            if not file.is_file():
+                skipped.append((str(file), "missing file"))
+                continue
+            glaucoma = int(float(row[flag_col]))
+            samples.append(
+                Sample(str(file), glaucoma, f"origa-{file.stem}", "origa", "glaucoma" if glaucoma else "healthy")
+            )
+    return _check(Dataset(samples, skipped), labels_csv)
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a folder (with manifest.csv if present, else class-per-folder) or a manifest CSV."""
+    path = Path(path)
+    if path.is_file():
+        return load_manifest(path)
+    if (path / "manifest.csv").is_file():
+        return load_manifest(path / "manifest.csv")
+    return load_folders(path)
+
+
+def split_by_patient(
+    samples: Sequence[Sample], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Split into train/val/test so that no patient appears in two parts, stratified by label.
+
+    Patients are grouped by their majority label and by source, shuffled with ``seed``, and dealt to
+    the parts by cumulative fraction, so every part keeps the class and source mix.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3:
+        raise ValueError("fractions must be three numbers summing to 1")
+    by_patient: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_patient.setdefault(s.patient_id, []).append(s)
+    strata: dict[tuple[int, str], list[str]] = {}
+    for pid, group in sorted(by_patient.items()):
+        label = round(np.mean([s.label for s in group]))
+        strata.setdefault((int(label), group[0].source), []).append(pid)
+    rng = np.random.default_rng(seed)
+    parts: list[list[Sample]] = [[], [], []]
+    bounds = np.cumsum(fractions)
+    for key in sorted(strata):
+        pids = strata[key]
+        rng.shuffle(pids)
+        for i, pid in enumerate(pids):
+            part = int(np.searchsorted(bounds, (i + 0.5) / len(pids)))
+            parts[min(part, 2)].extend(by_patient[pid])
+    return parts[0], parts[1], parts[2]
+
+
+def write_split(out_dir: str | Path, parts: dict[str, Sequence[Sample]]) -> None:
+    """Save each part as a CSV file list, so a split can be inspected and reused."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, samples in parts.items():
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "patient_id", "source", "original_label"])
+            for s in samples:
+                w.writerow([s.path, LABELS[s.label], s.patient_id, s.source, s.original_label])
+
+
+def read_split(path: str | Path) -> list[Sample]:
+    """Read a part written by ``write_split``."""
+    with open(path, newline="") as f:
+        return [
+            Sample(r["path"], to_label(r["label"]), r["patient_id"], r["source"], r["original_label"])
+            for r in csv.DictReader(f)
+        ]
+
+
+def load_arrays(
+    samples: Iterable[Sample], cache_dir: str | Path | None = None, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[Sample], list[tuple[str, str]]]:
+    """Decode samples to 128x128x3 uint8 with the app's preprocessing, in parallel, with a cache.
+
+    Returns (images, labels, kept samples, unreadable [(path, reason)]). Unreadable images are listed,
+    not fatal. The cache is one .npy per file keyed by path, size and mtime.
+    """
+    samples = list(samples)
+    cache = Path(cache_dir) if cache_dir else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def one(s: Sample) -> np.ndarray | str:
+        key = None
+        if cache:
+            st = os.stat(s.path)
+            key = cache / (hashlib.sha1(f"{s.path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest() + ".npy")
+            if key.is_file():
+                return np.load(key)
+        try:
+            arr = preprocess_path(s.path)
+        except (ImageError, OSError) as exc:
+            return str(getattr(exc, "message", exc))
+        if key:
+            np.save(key, arr)
+        return arr
+
+    with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        results = list(pool.map(one, samples))
+    kept, arrays, bad = [], [], []
+    for s, r in zip(samples, results, strict=True):
+        if isinstance(r, str):
+            bad.append((s.path, r))
+        else:
+            kept.append(s)
+            arrays.append(r)
+    images = np.stack(arrays) if arrays else np.zeros((0, *INPUT_SHAPE), np.uint8)
+    return images, np.array([s.label for s in kept], np.int64), kept, bad
