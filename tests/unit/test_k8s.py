@@ -176,12 +176,39 @@ def quantity(value) -> float:
     return float(text)
 
 
-def declared_routes() -> set[str]:
-    """URL rules the Flask app declares (decorators / add_url_rule in app.py and aisight/)."""
-    sources = [ROOT / "app.py", *sorted((ROOT / "aisight").rglob("*.py"))]
-    assert (ROOT / "app.py").is_file(), "app.py missing: the probes need the app's routes"
-    pattern = re.compile(r"""\.(?:route|get|post|add_url_rule)\(\s*["'](/[^"']*)["']""")
-    return {m.group(1) for path in sources if path.is_file() for m in pattern.finditer(path.read_text())}
+# Build the real app in the pod's environment, without loading the model, and ask it.
+APP_PROBE = """
+import json, app
+flask_app = app.create_app({"MODEL_LOAD": "none"})
+client = flask_app.test_client()
+paths = ("/healthz", "/readyz", "/metrics")
+print(json.dumps({
+    "rules": sorted(rule.rule for rule in flask_app.url_map.iter_rules()),
+    "status": {path: client.get(path).status_code for path in paths},
+    "metrics": client.get("/metrics").get_data(as_text=True),
+    "max_content_length": flask_app.config["MAX_CONTENT_LENGTH"],
+}))
+"""
+
+
+@functools.cache
+def _app_facts(env_items: frozenset) -> dict:
+    assert (ROOT / "app.py").is_file(), "app.py missing"
+    result = subprocess.run(
+        [sys.executable, "-c", APP_PROBE],
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **dict(env_items)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def app_facts(env: dict[str, str]) -> dict:
+    """Routes, probe answers before the model is loaded, /metrics text and upload cap of the real app."""
+    return _app_facts(frozenset(env.items()))
 
 
 def serving_dockerfile_env(dockerfile: str) -> dict[str, str]:
@@ -292,25 +319,32 @@ def test_container_port_is_where_gunicorn_binds(variant, render):
 def test_probes_hit_the_apps_health_routes(variant, render):
     docs = render(variant)
     _, _, container = server(docs)
-    routes = declared_routes()
+    facts = app_facts(container_env(docs, container))
     readiness, liveness, startup = (container[k] for k in ("readinessProbe", "livenessProbe", "startupProbe"))
     assert readiness["httpGet"]["path"] == "/readyz"
     assert startup["httpGet"]["path"] == "/readyz", "startup waits for the model, not just the process"
     assert liveness["httpGet"]["path"] == "/healthz"
     for probe in (readiness, liveness, startup):
-        assert probe["httpGet"]["path"] in routes, f"{probe['httpGet']['path']} is not a route of the app"
+        assert probe["httpGet"]["path"] in facts["rules"], f"{probe['httpGet']['path']} is not a route of the app"
         assert named_port(container, probe["httpGet"]["port"]) == named_port(container, "http")
+    # Before its model is ready the app is alive but not ready: exactly what the probes rely on.
+    assert facts["status"][liveness["httpGet"]["path"]] == 200
+    assert facts["status"][readiness["httpGet"]["path"]] == 503
     # Model load + warm-up is 5-30 s on CPU; leave room for a slow node.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
     # Liveness must not be the probe that kills a pod still loading its model.
     assert liveness.get("initialDelaySeconds", 0) == 0, "the startupProbe already holds liveness off"
 
 
-def test_metrics_route_and_request_counter_exist():
-    """The Prometheus option scrapes /metrics and scales on aisight_http_requests_total."""
-    assert "/metrics" in declared_routes()
-    sources = "\n".join(p.read_text() for p in [ROOT / "app.py", *(ROOT / "aisight").rglob("*.py")] if p.is_file())
-    assert "aisight_http_requests" in sources
+def test_metrics_route_serves_the_request_counter(render):
+    """The Prometheus option scrapes /metrics and scales on the counter the app really exports."""
+    docs = render("cpu")
+    _, _, container = server(docs)
+    facts = app_facts(container_env(docs, container))
+    assert facts["status"]["/metrics"] == 200
+    counter = PROMETHEUS_REQUESTS.split("|")[1]
+    assert f"# TYPE {counter} counter" in facts["metrics"]
+    assert re.search(rf'^{counter}{{.*route="/healthz".*}} ', facts["metrics"], re.M), "labelled by route"
 
 
 @pytest.mark.parametrize("variant", DEPLOYED)
@@ -436,7 +470,8 @@ def test_upload_limit_is_consistent_across_layers(render):
     assert "kubernetes.io/ingress.class" not in nginx["metadata"]["annotations"]
     body = nginx["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
     assert re.fullmatch(r"\d+m", body)
-    assert limit_mb < int(body[:-1]) <= limit_mb + 2
+    cap = app_facts(container_env(docs, container))["max_content_length"]  # the app's 413 threshold, bytes
+    assert limit_mb * 2**20 <= cap <= int(body[:-1]) * 2**20 <= cap + 2 * 2**20
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
@@ -593,6 +628,15 @@ def test_ranking_steps_sequence_the_grid(render):
                 assert {"name": "grid-script", "mountPath": "/opt/grid", "readOnly": True} in step["volumeMounts"]
 
 
+def test_grid_pods_survive_node_churn(render):
+    """Disruptions do not use up retries, and the autoscaler does not evict hours of work."""
+    for job in objects(render("training"), "Job"):
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+        annotations = job["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+
+
 def test_grid_rbac_is_least_privilege(render):
     docs = render("training")
     role = one(docs, "Role", "aisight-grid")
@@ -678,7 +722,7 @@ def fake_api(tmp_path):
     (sa / "namespace").write_text("aisight\n")
     FakeJobsAPI.requests = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJobsAPI)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
 
     def run(*args):
