@@ -53,6 +53,7 @@ RUN python -m compileall -q app.py gunicorn.conf.py aisight training
 # HOME/KERAS_HOME/MPLCONFIGDIR/TMPDIR point at /tmp, the only writable place
 # (an emptyDir in Kubernetes, --tmpfs /tmp with docker run --read-only).
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \

@@ -238,6 +238,7 @@ def test_serving_target_contract(dockerfile):
     assert env["HOST"] == "0.0.0.0"
     assert effective(stages, target, "EXPOSE") == [env["PORT"]]
     assert env["AISIGHT_MODEL_DIR"] == f"{workdir}/model"
+    assert env["PYTHONPATH"] == workdir, "app and training importable from any working directory"
     assert "COPY model/ model/" in [f"COPY {a}" for a in effective(stages, target, "COPY")]
     # The root filesystem is read-only in Kubernetes: every cache goes to /tmp.
     for key in ("HOME", "KERAS_HOME", "MPLCONFIGDIR", "TMPDIR"):

@@ -628,6 +628,19 @@ def test_ranking_steps_sequence_the_grid(render):
                 assert {"name": "grid-script", "mountPath": "/opt/grid", "readOnly": True} in step["volumeMounts"]
 
 
+def test_training_cli_runs_from_a_writable_directory(render):
+    """`python -m training` steps run in a writable emptyDir (relative defaults) with /app importable."""
+    docs = render("training")
+    for owner, pod in workloads(docs):
+        emptydirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        for container in all_containers(pod):
+            if container.get("command"):  # grid_step.py, not the training CLI
+                continue
+            writable = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in emptydirs]
+            assert container["workingDir"] in writable, f"{owner['metadata']['name']}/{container['name']}"
+            assert container_env(docs, container)["PYTHONPATH"] == "/app"
+
+
 def test_grid_pods_survive_node_churn(render):
     """Disruptions do not use up retries, and the autoscaler does not evict hours of work."""
     for job in objects(render("training"), "Job"):
