@@ -589,6 +589,27 @@ def test_selection_stage_is_an_indexed_job(stage, completions, render):
     assert pod["automountServiceAccountToken"] is False
 
 
+def test_grid_commands_parse_with_the_training_cli(render, capsys):
+    """Every `python -m training ...` argv in the Jobs is accepted by the real CLI parser."""
+    from training.__main__ import build_parser
+
+    parser = build_parser()
+    for owner, pod in workloads(render("training")):
+        completions = owner["spec"].get("completions", 1)
+        for container in all_containers(pod):
+            if container.get("command"):  # grid_step.py
+                continue
+            for index in {0, completions - 1}:
+                argv = [a.replace("$(CANDIDATE_INDEX)", str(index)) for a in container["args"]]
+                try:
+                    parsed = parser.parse_args(argv)
+                except SystemExit:
+                    pytest.fail(
+                        f"{owner['metadata']['name']}: python -m training {' '.join(argv)}\n{capsys.readouterr().err}"
+                    )
+                assert parsed.command == argv[0]
+
+
 def test_stage_sizes_match_the_training_grid():
     """Stage 1 has one completion per base network of the training package."""
     from training.models import ARCHS
