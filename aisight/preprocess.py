@@ -26,8 +26,15 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF
 # Decode JPEGs at a reduced scale no smaller than this (Pillow's draft mode picks 1/2, 1/4 or 1/8).
 DRAFT_SIZE = (2 * IMAGE_SIZE, 2 * IMAGE_SIZE)
 
-# Our own pixel limit runs first; Pillow's bomb check stays on as a second line of defence.
+# Pillow's own bomb check stays on as a second line of defence: it raises above 2 x MAX_PIXELS and only
+# warns between 1 and 2 x, where our check below refuses the image anyway. The warning is silenced once,
+# here, rather than with warnings.catch_warnings per call, which is not thread-safe (gunicorn threads).
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Only these plugins may even parse an upload's header: less code exposed to hostile files.
+# JPEG covers MPO (Pillow's JPEG opener returns an MPO image when it finds one).
+_OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", *(("HEIF",) if HEIF_SUPPORTED else ()))
+_SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, TIFF, GIF or HEIC"
 
 
 class ImageError(ValueError):
@@ -40,33 +47,34 @@ class ImageError(ValueError):
         self.status = status
 
 
-def open_image(data: bytes, *, draft: bool = True) -> Image.Image:
+def open_image(data: bytes, *, draft: bool = True, draft_size: tuple[int, int] = DRAFT_SIZE) -> Image.Image:
     """Decode bytes into an upright RGB image, refusing non-images, bombs and corrupt files.
 
-    With ``draft`` a large JPEG is decoded at a reduced scale (still at least twice the model's input
-    size), which is what makes a 12 MP phone photo cheap.
+    With ``draft`` a large JPEG is decoded at a reduced scale (still at least ``draft_size``; by default
+    twice the model's input size), which is what makes a 12 MP phone photo cheap. The model input must
+    always use the default ``draft_size``: a larger one changes the pixels (the display copy may use one).
     """
     if not data:
         raise ImageError("empty_file", "The uploaded file is empty.", 400)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(
             "unsupported_media_type",
-            "This file is not an image we can read. Upload a JPEG, PNG, WebP, BMP, TIFF, GIF or HEIC photo.",
+            f"This file is not an image we can read. Upload a {_SUPPORTED_TEXT} photo.",
             415,
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_large() from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # hostile headers raise all sorts (struct.error, KeyError...)
         raise ImageError("corrupt_image", f"The image could not be read ({exc}).", 400) from None
 
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(
             "unsupported_media_type",
-            f"{img.format} images are not supported. Upload a JPEG, PNG, WebP, BMP, TIFF, GIF or HEIC photo.",
+            f"{img.format} images are not supported. Upload a {_SUPPORTED_TEXT} photo.",
             415,
         )
     width, height = img.size
@@ -77,14 +85,16 @@ def open_image(data: bytes, *, draft: bool = True) -> Image.Image:
 
     try:
         if draft and img.format in ("JPEG", "MPO"):
-            img.draft("RGB", DRAFT_SIZE)
+            img.draft("RGB", draft_size)
         img.seek(0)  # GIF/TIFF/HEIF: the first frame only
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_large() from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # decoders and EXIF parsing fail in many ways on damaged files
         raise ImageError("corrupt_image", f"The image is truncated or corrupt ({exc}).", 400) from None
 
 
@@ -104,11 +114,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16/32-bit greyscale: scale to 8 bits instead of letting Pillow clip everything above 255.
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        peak = float(np.nanmax(arr, initial=0.0))
+        if mode.startswith("I;16") or peak > 255:
+            top = 65535.0
+        elif mode == "F" and peak <= 1.0:
+            top = 1.0  # float images usually hold 0..1
+        else:
+            top = 255.0
+        arr = np.nan_to_num(arr, nan=0.0)
         arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, "L").convert("RGB")
     if mode == "P":
         img = img.convert("RGBA")  # applies palette transparency, which RGB then drops
+    if mode == "La":
+        img = img.convert("LA")  # Pillow has no direct La -> RGB(A) conversion
     if mode in ("LA", "La", "PA"):
         img = img.convert("RGBA")
     return img.convert("RGB")
