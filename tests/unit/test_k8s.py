@@ -3,8 +3,9 @@
 `kubectl kustomize` renders them (no cluster: KUBECONFIG points nowhere and any
 proxied fetch would fail). Built-in kinds are validated strictly (unknown fields
 fail) against the OpenAPI schemas bundled in kubernetes-validate, for the oldest
-and the newest Kubernetes minor we claim; GKE CRDs have no bundled schema and
-are checked field by field. Then the properties the deployment relies on are
+and the newest Kubernetes minor we claim; GKE CRDs (BackendConfig, PodMonitoring,
+ManagedCertificate, FrontendConfig) have no bundled schema, so the tests below
+check the fields that matter. Then the properties the deployment relies on are
 asserted on the rendered objects: probes on the app's real routes, ports equal
 to gunicorn's bind, images equal to the Dockerfiles', limits, security context,
 autoscaling, and the selection-grid Jobs.
@@ -472,6 +473,18 @@ def test_upload_limit_is_consistent_across_layers(render):
     assert re.fullmatch(r"\d+m", body)
     cap = app_facts(container_env(docs, container))["max_content_length"]  # the app's 413 threshold, bytes
     assert limit_mb * 2**20 <= cap <= int(body[:-1]) * 2**20 <= cap + 2 * 2**20
+
+
+def test_https_component_wiring(render):
+    """The Ingress names the certificate, redirect config and static IP that exist (or docs create)."""
+    docs = render("cpu+https")
+    annotations = one(docs, "Ingress", "aisight")["metadata"]["annotations"]
+    certificate = one(docs, "ManagedCertificate", annotations["networking.gke.io/managed-certificates"])
+    assert certificate["spec"]["domains"] and all("." in d for d in certificate["spec"]["domains"])
+    frontend = one(docs, "FrontendConfig", annotations["networking.gke.io/v1beta1.FrontendConfig"])
+    assert frontend["spec"]["redirectToHttps"]["enabled"] is True
+    ip_name = annotations["kubernetes.io/ingress.global-static-ip-name"]
+    assert f"gcloud compute addresses create {ip_name} --global" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
