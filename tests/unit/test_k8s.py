@@ -623,11 +623,13 @@ def test_grid_commands_parse_with_the_training_cli(render, capsys):
                 assert parsed.command == argv[0]
 
 
-def test_stage_sizes_match_the_training_grid():
-    """Stage 1 has one completion per base network of the training package."""
-    from training.models import ARCHS
+def test_stage_sizes_match_the_training_grid(render):
+    """One completion per candidate of the training package's grids: 17 bases, optimizers x losses."""
+    from training.stages import STAGE2_LOSSES, STAGE2_OPTIMIZERS, stage1_candidates
 
-    assert len(ARCHS) == 17
+    jobs = grid_jobs(render("training"))
+    assert jobs["aisight-select-stage1"]["spec"]["completions"] == len(stage1_candidates())
+    assert jobs["aisight-select-stage2"]["spec"]["completions"] == len(STAGE2_OPTIMIZERS) * len(STAGE2_LOSSES)
 
 
 def test_ranking_steps_sequence_the_grid(render):
