@@ -187,6 +187,30 @@ def load_dataset(path: str | Path) -> Dataset:
     return load_folders(path)
 
 
+def load_sources(spec: str | Path) -> Dataset:
+    """Load one data set or several joined: ``PATH`` or ``KIND=PATH[:IMAGES],...``.
+
+    KIND is ``eyepacs`` (trainLabels.csv, images in IMAGES or ./train), ``origa`` (labels CSV, images in
+    IMAGES or ./images), ``manifest`` (CSV) or ``folder`` (class-per-folder, or a folder with
+    manifest.csv). E.g. ``eyepacs=/d/eyepacs/trainLabels.csv,origa=/d/origa/origa.csv`` is the paper's data.
+    """
+    if Path(spec).exists() or "=" not in str(spec):
+        return load_dataset(spec)
+    loaders = {"eyepacs": load_eyepacs, "origa": load_origa, "manifest": load_manifest, "folder": load_dataset}
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for part in str(spec).split(","):
+        kind, _, rest = part.partition("=")
+        kind = kind.strip().lower()
+        if kind not in loaders or not rest:
+            raise DatasetError(f"bad data spec {part!r}: use KIND=PATH with KIND in {', '.join(loaders)}")
+        path, _, images = rest.partition(":")
+        ds = loaders[kind](path, images) if images and kind in ("eyepacs", "origa") else loaders[kind](path)
+        samples += ds.samples
+        skipped += ds.skipped
+    return _check(Dataset(samples, skipped), Path(str(spec)))
+
+
 def split_by_patient(
     samples: Sequence[Sample], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
@@ -238,12 +262,16 @@ def read_split(path: str | Path) -> list[Sample]:
 
 
 def load_arrays(
-    samples: Iterable[Sample], cache_dir: str | Path | None = None, workers: int | None = None
+    samples: Iterable[Sample],
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[Sample], list[tuple[str, str]]]:
     """Decode samples to 128x128x3 uint8 with the app's preprocessing, in parallel, with a cache.
 
     Returns (images, labels, kept samples, unreadable [(path, reason)]). Unreadable images are listed,
-    not fatal. The cache is one .npy per file keyed by path, size and mtime.
+    not fatal. The cache is one .npy per file keyed by path, size and mtime. ``progress`` shows a bar
+    (on a terminal).
     """
     samples = list(samples)
     cache = Path(cache_dir) if cache_dir else None
@@ -266,7 +294,12 @@ def load_arrays(
         return arr
 
     with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(pool.map(one, samples))
+        mapped = pool.map(one, samples)
+        if progress:
+            from tqdm import tqdm
+
+            mapped = tqdm(mapped, total=len(samples), desc="decode", unit="img", leave=False, disable=None)
+        results = list(mapped)
     kept, arrays, bad = [], [], []
     for s, r in zip(samples, results, strict=True):
         if isinstance(r, str):

@@ -79,3 +79,22 @@ def crossentropy_loss(y_true: np.ndarray, prob: np.ndarray) -> float:
     y = np.asarray(y_true, dtype=np.float64)
     p = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def mae_loss(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Mean absolute error of the 2-way softmax against one-hot labels (Keras' MAE over both outputs)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(prob, dtype=np.float64)
+    return float(np.mean(np.abs(y - p)))
+
+
+def loss_value(loss: str, y_true: np.ndarray, prob: np.ndarray) -> float:
+    """The validation loss a model trained with ``loss`` (mse, cce or mae) reports, as Keras computes it."""
+    key = loss.lower()
+    if key in ("mse", "mean_squared_error"):
+        return mse_loss(y_true, prob)
+    if key in ("mae", "mean_absolute_error"):
+        return mae_loss(y_true, prob)
+    if key in ("cce", "categorical_crossentropy"):
+        return crossentropy_loss(y_true, prob)
+    raise ValueError(f"unknown loss {loss!r}")

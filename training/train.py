@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.metrics import classification_metrics, crossentropy_loss, mse_loss, threshold_for_sensitivity
+from training.metrics import classification_metrics, loss_value, threshold_for_sensitivity
 
 
 def recalibrate_bn(model, images: np.ndarray, batch_size: int = 32, max_batches: int = 16) -> None:
@@ -62,7 +62,8 @@ class TrainConfig:
     precision: str = "float32"  # or bf16 (mixed precision: bfloat16 compute, float32 weights)
     seed: int = 0
     target_sensitivity: float = 0.94
-    select_metric: str = "val_auc"  # epoch kept: best val_auc, val_auc_odir (source-controlled) or lowest val_loss
+    # Epoch kept: best val_auc, val_auc_odir (source-controlled), lowest val_loss, or the last (the paper's).
+    select_metric: str = "val_auc"
     patience: int = 0  # stop after this many epochs without improvement (0: never)
     recalibrate_batches: int = 8
     name: str = "aisight"
@@ -135,6 +136,22 @@ def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
+SELECT_METRICS = ("val_auc", "val_auc_odir", "val_loss", "last")
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, aug=None):
+    """The training input pipeline: shuffle, batch, cast to float32, augment (optional), prefetch."""
+    import keras
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 2)))
+    ds = ds.shuffle(len(x), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if aug is not None:
+        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def fit(
     cfg: TrainConfig,
     train: tuple[np.ndarray, np.ndarray],
@@ -148,7 +165,6 @@ def fit(
     images of the source-controlled subset, reported (and selectable) separately.
     Returns (model, history rows)."""
     import keras
-    import tensorflow as tf
 
     from training.models import build_model
 
@@ -173,12 +189,7 @@ def fit(
     model.compile(optimizer=make_optimizer(cfg.optimizer, lr), loss=loss_name(cfg.loss), metrics=["accuracy"])
 
     aug = augmenter(cfg.seed) if cfg.augment else None
-    ds = tf.data.Dataset.from_tensor_slices((x_train, keras.utils.to_categorical(y_train, 2)))
-    ds = ds.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if aug is not None:
-        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds = train_dataset(x_train, y_train, cfg, aug)
     class_weight = None
     if cfg.class_weight:
         counts = np.bincount(y_train, minlength=2)
@@ -194,7 +205,7 @@ def fit(
         recalibrate_bn(model, x_train, cfg.batch_size, cfg.recalibrate_batches)
         p_val = predict_proba(model, x_val)
         vm = classification_metrics(y_val, p_val)
-        val_loss = mse_loss(y_val, p_val) if loss_name(cfg.loss) == LOSSES["mse"] else crossentropy_loss(y_val, p_val)
+        val_loss = loss_value(loss_name(cfg.loss), y_val, p_val)
         row = {
             "epoch": epoch,
             "loss": float(h.history["loss"][-1]),
@@ -216,9 +227,12 @@ def fit(
         history.append(row)
         if history_path:
             _append_csv(history_path, row)
-        if cfg.select_metric not in ("val_auc", "val_auc_odir", "val_loss"):
-            raise ValueError(f"unknown select_metric {cfg.select_metric!r}")
-        score = -row["val_loss"] if cfg.select_metric == "val_loss" else row[cfg.select_metric]
+        if cfg.select_metric not in SELECT_METRICS:
+            raise ValueError(f"unknown select_metric {cfg.select_metric!r}; choose from {', '.join(SELECT_METRICS)}")
+        if cfg.select_metric == "last":
+            score = float(epoch)  # every epoch improves on the one before: the final weights are kept
+        else:
+            score = -row["val_loss"] if cfg.select_metric == "val_loss" else row[cfg.select_metric]
         if not np.isfinite(score):  # e.g. no source-controlled images in this data: fall back
             score = row["val_auc"]
         improved = np.isfinite(score) and score > best["score"]
@@ -289,28 +303,53 @@ def train_and_export(
     run_dir: str | Path,
     cache_dir: str | Path | None = ".cache/arrays",
     log: Callable[[str], None] = print,
+    protocol: str = "leakfree",
+    recipe=None,
+    limit: int | None = None,
 ) -> dict:
     """Split ``data`` by patient (leak-free), train ``cfg``, choose the threshold on validation data,
-    evaluate on the test patients and export the serving artifact with its model card."""
+    evaluate on the test patients and export the serving artifact with its model card.
+
+    With a ``recipe`` (training.recipe.Recipe), ``protocol='paper'`` or a ``limit`` the split comes from
+    training.recipe instead: the paper's sampling and augmentation, split by patient first (leakfree)
+    or after augmenting (paper, the published leak). Without them: the plain patient split, every photo
+    once (how the bundled model is trained).
+    """
     import datetime as dt
 
-    from training.data import load_arrays, load_dataset, split_by_patient, write_split
+    from training.data import load_arrays, load_sources, split_by_patient, write_split
     from training.export import export_artifact
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    ds = load_dataset(data)
+    ds = load_sources(data)
     log(f"data: {len(ds.samples)} images {ds.counts()}, {len(ds.skipped)} skipped")
-    parts = dict(zip(("train", "val", "test"), split_by_patient(ds.samples, seed=cfg.seed), strict=True))
-    write_split(run / "split", parts)
-    arrays = {}
-    for name, samples in parts.items():
-        x, y, kept, bad = load_arrays(samples, cache_dir)
-        for path, why in bad:
-            log(f"unreadable, skipped: {path}: {why}")
-        arrays[name] = (x, y, kept)
-        log(f"{name}: {len(y)} images, {int(y.sum())} diseased, {len({s.patient_id for s in kept})} patients")
+    recipe_info = None
+    if protocol == "leakfree" and recipe is None and limit is None:
+        parts = dict(zip(("train", "val", "test"), split_by_patient(ds.samples, seed=cfg.seed), strict=True))
+        write_split(run / "split", parts)
+        arrays = {}
+        for name, samples in parts.items():
+            x, y, kept, bad = load_arrays(samples, cache_dir)
+            for path, why in bad:
+                log(f"unreadable, skipped: {path}: {why}")
+            arrays[name] = (x, y, kept)
+            log(f"{name}: {len(y)} images, {int(y.sum())} diseased, {len({s.patient_id for s in kept})} patients")
+        split_text = "split by patient 60/20/20 (leak-free)"
+    else:
+        from training.recipe import Recipe, prepare, write_parts
+
+        recipe = recipe or Recipe()
+        prep = prepare(ds.samples, recipe, protocol, cfg.seed, limit, cache_dir, None, log)
+        write_parts(run / "split", prep.parts, prep.info)
+        arrays, recipe_info = prep.arrays, prep.info
+        split_text = (
+            f"{recipe.name} recipe, augmented then split 60/20/20 by image (the paper's protocol: copies of "
+            "one photo in train and test)"
+            if protocol == "paper"
+            else f"split by patient 60/20/20, then the {recipe.name} recipe on the training part (leak-free)"
+        )
 
     history_path = run / "history.csv"
     history_path.unlink(missing_ok=True)
@@ -339,9 +378,9 @@ def train_and_export(
         "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.target_sensitivity}",
         "training": {
             "data": str(data),
-            "data_summary": f"{len(ds.samples)} photos from {Path(data).name} ({sources}), "
-            "split by patient 60/20/20 (leak-free)",
-            "protocol": "leakfree",
+            "data_summary": f"{len(ds.samples)} photos from {Path(data).name} ({sources}), {split_text}",
+            "protocol": protocol,
+            **({"recipe": recipe_info} if recipe_info else {}),
             "split_counts": {k: {"images": len(v[1]), "diseased": int(v[1].sum())} for k, v in arrays.items()},
             "config": asdict(cfg),
             "best_epoch": int(getattr(model, "best_epoch", -1)),
