@@ -65,6 +65,7 @@ class TrainConfig:
     # Epoch kept: best val_auc, val_auc_odir (source-controlled), lowest val_loss, or the last (the paper's).
     select_metric: str = "val_auc"
     patience: int = 0  # stop after this many epochs without improvement (0: never)
+    time_budget_minutes: float = 0.0  # stop before an epoch that would overrun this wall time (0: none)
     recalibrate_batches: int = 8
     name: str = "aisight"
     version: str = ""
@@ -198,8 +199,14 @@ def fit(
     history: list[dict[str, float]] = []
     best = {"score": -np.inf, "weights": None, "epoch": -1}
     stale = 0
+    started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if cfg.time_budget_minutes and history:
+            per_epoch = (t0 - started) / len(history)
+            if t0 - started + per_epoch > cfg.time_budget_minutes * 60:
+                log(f"time budget of {cfg.time_budget_minutes:g} min reached after {len(history)} epochs: stopping")
+                break
         h = model.fit(ds, epochs=1, verbose=0, class_weight=class_weight)
         train_seconds = time.perf_counter() - t0
         recalibrate_bn(model, x_train, cfg.batch_size, cfg.recalibrate_batches)
@@ -239,6 +246,8 @@ def fit(
         if improved:
             best = {"score": score, "weights": model.get_weights(), "epoch": epoch}
             stale = 0
+            if history_path:  # a checkpoint of the best epoch so far, for inspection or a crash
+                model.save_weights(history_path.with_name("best.weights.h5"))
         else:
             stale += 1
         log(
