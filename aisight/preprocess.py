@@ -59,6 +59,9 @@ def open_image(data: bytes, *, draft: bool = True, draft_size: tuple[int, int] =
     try:
         img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     except UnidentifiedImageError:
+        kind = sniff(data)
+        if kind:  # Pillow calls a damaged header "unidentified"; the user deserves to hear it is damaged
+            raise ImageError("corrupt_image", f"The file looks like a {kind} image but it is damaged.", 400) from None
         raise ImageError(
             "unsupported_media_type",
             f"This file is not an image we can read. Upload a {_SUPPORTED_TEXT} photo.",
@@ -96,6 +99,31 @@ def open_image(data: bytes, *, draft: bool = True, draft_size: tuple[int, int] =
         raise
     except Exception as exc:  # decoders and EXIF parsing fail in many ways on damaged files
         raise ImageError("corrupt_image", f"The image is truncated or corrupt ({exc}).", 400) from None
+
+
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def sniff(data: bytes) -> str | None:
+    """Name the supported format whose signature ``data`` starts with, if any (headers only)."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    # "BM" alone starts plenty of text; a real BMP also has a known info-header size at offset 14.
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+        return "BMP"
+    if HEIF_SUPPORTED and head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "HEIC"
+    return None
 
 
 def _too_large() -> ImageError:

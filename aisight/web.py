@@ -1,0 +1,351 @@
+"""The app's pages and JSON API: upload a fundus photo, get the screening result."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Request, Response, current_app, jsonify, render_template, request
+from PIL import Image
+from werkzeug.exceptions import HTTPException
+
+from aisight.artifact import card_summary
+from aisight.predictor import ModelNotReady, Predictor
+from aisight.preprocess import ImageError, open_image, preprocess_bytes
+
+log = logging.getLogger(__name__)
+bp = Blueprint("web", __name__)
+
+FIELD = "image"
+# The result page shows the upload as a data: URL (nothing is written to disk) no larger than this.
+DISPLAY_MAX_SIDE = 768
+# Within this distance of the threshold the page says the result is uncertain.
+NEAR_THRESHOLD = 0.1
+NOTICE = (
+    "AI-Sight is a screening aid, not a diagnosis. Only an eye-care professional can diagnose eye disease."
+)
+NEXT_STEPS = {
+    "diseased": (
+        "Book an appointment with an eye doctor (ophthalmologist or optometrist) soon and show them this photo "
+        "and result."
+    ),
+    "healthy": (
+        "No signs of disease were found in this photo, but screening can miss disease. Keep your regular eye "
+        "examinations, and see an eye doctor if your vision changes."
+    ),
+}
+# Security headers for every answer. No inline script anywhere (JS lives in static/app.js); images may
+# be data: URLs (the result photo) and blob: URLs (the script's preview of the chosen file).
+CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "base-uri 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), interest-cohort=()",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """A request the app refuses: an HTTP status, a stable machine code and a message for people."""
+
+    def __init__(self, code: str, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status, self.headers = code, message, status, headers or {}
+
+
+class MemoryRequest(Request):
+    """A request whose uploaded files stay in memory (Werkzeug spools files over 500 KB to disk).
+
+    Memory is bounded by MAX_CONTENT_LENGTH, which Werkzeug checks before and while reading the body.
+    """
+
+    max_form_parts = 16  # the form has one field; a flood of parts is refused early
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+@dataclass(frozen=True)
+class Screening:
+    """One answered prediction."""
+
+    label: str
+    probability: float
+    threshold: float
+    card: dict[str, Any]
+    decode_seconds: float
+    predict_seconds: float
+
+    @property
+    def uncertain(self) -> bool:
+        return abs(self.probability - self.threshold) < NEAR_THRESHOLD
+
+
+def predictor() -> Predictor:
+    """The current app's predictor."""
+    return current_app.extensions["aisight"]["predictor"]
+
+
+def read_upload() -> bytes:
+    """Return the bytes of the ``image`` file part, or refuse the request with a clear 4xx."""
+    upload = request.files.get(FIELD)  # reading the form may raise 413 (body over MAX_CONTENT_LENGTH)
+    if upload is None:
+        raise ApiError(
+            "no_file", f"No file was sent. Post the photo as multipart/form-data in a field named '{FIELD}'.", 400
+        )
+    if not upload.filename:  # the filename is only tested for presence, never used for anything
+        raise ApiError("empty_filename", "No photo was chosen. Choose a photo, then submit.", 400)
+    data = upload.read()
+    if not data:
+        raise ApiError("empty_file", "The uploaded file is empty (0 bytes).", 400)
+    return data
+
+
+def require_ready() -> Predictor:
+    """Return the predictor if it answers predictions; otherwise refuse with 503 (never a made-up answer)."""
+    p = predictor()
+    if p.ready:
+        return p
+    if p.state == "loading":
+        raise ApiError(
+            "model_loading", "The model is still loading. Try again in a few seconds.", 503, {"Retry-After": "5"}
+        )
+    raise ApiError("model_unavailable", "The screening model is not available, so no photo can be screened now.", 503)
+
+
+def screen(data: bytes) -> Screening:
+    """Turn uploaded bytes into a screening result with the served model."""
+    p = require_ready()
+    metrics = current_app.extensions["aisight"]["metrics"]
+    t0 = time.perf_counter()
+    arr = preprocess_bytes(data)
+    t1 = time.perf_counter()
+    probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
+    t2 = time.perf_counter()
+    threshold = p.threshold
+    label = "diseased" if probability >= threshold else "healthy"
+    metrics.stage.labels("decode").observe(t1 - t0)
+    metrics.stage.labels("predict").observe(t2 - t1)
+    metrics.predictions.labels(label).inc()
+    return Screening(label, probability, threshold, p.card or {}, t1 - t0, t2 - t1)
+
+
+def api_answer(s: Screening) -> dict[str, Any]:
+    """The JSON body of a successful ``POST /api/v1/predict``."""
+    body: dict[str, Any] = {
+        "label": s.label,
+        "probability": round(s.probability, 6),
+        "threshold": s.threshold,
+        "model": card_summary(s.card),
+        "notice": NOTICE,
+    }
+    if s.card.get("warning"):
+        body["warning"] = s.card["warning"]
+    return body
+
+
+def display_image(data: bytes, max_side: int = DISPLAY_MAX_SIDE) -> tuple[str, int, int]:
+    """Return the upload, upright and downscaled, as a JPEG data: URL plus its width and height."""
+    img = open_image(data, draft_size=(max_side, max_side))
+    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.width, img.height
+
+
+def card_metrics(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """Flatten the card's metrics (any nesting, any keys) into rows a page can show."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix} · {k}" if prefix else str(k), v)
+        elif isinstance(value, bool) or value is None:
+            rows.append((_humanize(prefix), str(value)))
+        elif isinstance(value, float):
+            rows.append((_humanize(prefix), f"{value:.3f}"))
+        elif isinstance(value, (int, str)):
+            rows.append((_humanize(prefix), str(value)))
+        # lists and other shapes (curves, confusion matrices) are left to the card file itself
+
+    walk("", card.get("metrics") or {})
+    return rows
+
+
+def _humanize(key: str) -> str:
+    return key.replace("_", " ")
+
+
+# ------------------------------------------------------------------------------------------------- views
+
+
+def _page_context() -> dict[str, Any]:
+    p = predictor()
+    return {
+        "model_state": p.state,
+        "card": p.card,
+        "max_upload_mb": current_app.config["MAX_UPLOAD_MB"],
+        "max_upload_bytes": current_app.config["MAX_UPLOAD_MB"] * 1024 * 1024,
+    }
+
+
+@bp.get("/")
+def index() -> str:
+    """The upload page."""
+    return render_template("index.html", error=None, **_page_context())
+
+
+@bp.post("/")
+def submit() -> str:
+    """The upload form's target: the result page (works without JavaScript)."""
+    data = read_upload()
+    s = screen(data)
+    photo, width, height = display_image(data)
+    return render_template(
+        "result.html",
+        s=s,
+        photo=photo,
+        photo_width=width,
+        photo_height=height,
+        summary=card_summary(s.card),
+        metrics=card_metrics(s.card),
+        notice=NOTICE,
+        next_step=NEXT_STEPS[s.label],
+        **_page_context(),
+    )
+
+
+@bp.post("/api/v1/predict")
+def api_predict() -> Response:
+    """JSON API: multipart field ``image`` in, label and P(diseased) out."""
+    s = screen(read_upload())
+    return jsonify(api_answer(s))
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process serves requests."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Readiness: 200 once the model has loaded and answered a warm-up prediction, else 503."""
+    p = predictor()
+    body: dict[str, Any] = {"status": "ready" if p.ready else p.state}
+    if p.card is not None:
+        body["model"] = {"name": p.card["name"], "version": p.card["version"]}
+    if p.ready:
+        body["device"] = p.device
+        body["load_seconds"] = p.load_seconds
+    elif p.error:
+        body["error"] = p.error
+    return jsonify(body), 200 if p.ready else 503
+
+
+# ----------------------------------------------------------------------------------- errors and headers
+
+
+def wants_json() -> bool:
+    """Whether an error answer should be JSON (API, probes, clients that prefer it) rather than a page."""
+    if request.path.startswith("/api/") or request.path in ("/healthz", "/readyz", "/metrics"):
+        return True
+    if request.path == "/":
+        return False
+    return request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json"
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    """Answer an error as ``{"error": {"code", "message"}}`` or as a page, with ``status``."""
+    if wants_json():
+        resp = jsonify(error={"code": code, "message": message})
+    elif request.path == "/" and request.method == "POST":
+        # The form's own page again, with the message next to the form: the user can retry at once.
+        resp = Response(render_template("index.html", error={"code": code, "message": message}, **_page_context()))
+    else:
+        resp = Response(render_template("error.html", status=status, code=code, message=message))
+    resp.status_code = status
+    resp.headers.update(headers or {})
+    return resp
+
+
+def _api_error(exc: ApiError) -> Response:
+    log.info("refused %s %s: %s %s", request.method, request.path, exc.status, exc.code)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+def _image_error(exc: ImageError) -> Response:
+    log.info("refused %s %s: %s %s", request.method, request.path, exc.status, exc.code)
+    return error_response(exc.status, exc.code, exc.message)
+
+
+def _not_ready(exc: ModelNotReady) -> Response:
+    log.warning("prediction refused on %s: model not ready (%s)", request.path, exc)
+    return error_response(503, "model_unavailable", "The screening model is not available right now.")
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = HTTP_CODES.get(status, "http_error")
+    if status == 413:
+        message = f"The upload is larger than {current_app.config['MAX_UPLOAD_MB']} MB. Upload a smaller photo."
+    else:
+        message = exc.description or exc.name
+    headers = {"Allow": ", ".join(exc.valid_methods)} if getattr(exc, "valid_methods", None) else None
+    return error_response(status, code, message, headers)
+
+
+def _unexpected(exc: Exception) -> Response:
+    # Last resort only: every input the app expects to refuse has its own 4xx above.
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(500, "internal_error", "Something went wrong on our side. Please try again.")
+
+
+def _security_headers(resp: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        resp.headers.setdefault(name, value)
+    if request.endpoint != "static":
+        resp.headers["Cache-Control"] = "no-store"  # results are health data: no cache keeps a copy
+    if request.is_secure:
+        resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+    return resp
+
+
+def init_app(app: Flask) -> None:
+    """Register the views, the error handlers and the security headers on ``app``."""
+    app.request_class = MemoryRequest
+    app.register_blueprint(bp)
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(ImageError, _image_error)
+    app.register_error_handler(ModelNotReady, _not_ready)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+    app.after_request(_security_headers)

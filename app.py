@@ -1,0 +1,96 @@
+"""AI-Sight web app: ``create_app()`` is what gunicorn serves (``make run``, see gunicorn.conf.py).
+
+Configuration comes from the environment (AISIGHT_MODEL_DIR, AISIGHT_MAX_UPLOAD_MB, AISIGHT_GATE);
+``create_app(config)`` takes overrides, which is how the tests point it at other models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from flask import Flask
+
+from aisight import web
+from aisight.artifact import DEFAULT_MODEL_DIR
+from aisight.metrics import Metrics
+from aisight.predictor import Predictor
+
+log = logging.getLogger("aisight.app")
+
+MIB = 1024 * 1024
+# The body also carries the multipart framing: a file of exactly MAX_UPLOAD_MB still goes through.
+MULTIPART_SLACK = 64 * 1024
+LOAD_MODES = ("background", "sync", "none")
+
+
+def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the app's settings: the environment's, then ``overrides``."""
+    env = os.environ
+    cfg: dict[str, Any] = {
+        "MODEL_DIR": env.get("AISIGHT_MODEL_DIR") or str(DEFAULT_MODEL_DIR),
+        "MAX_UPLOAD_MB": float(env.get("AISIGHT_MAX_UPLOAD_MB") or 20),
+        # The fundus-photo gate (aisight.gate) is not wired in yet; the setting is read so it is in one place.
+        "GATE": (env.get("AISIGHT_GATE") or "on").strip().lower() not in ("off", "0", "false", "no"),
+        # background: load in a thread so /healthz answers at once; sync: load before returning (tests);
+        # none: never load (tests that drive readiness themselves, with PREDICTOR).
+        "MODEL_LOAD": "background",
+        "PREDICTOR": None,
+    }
+    cfg.update(overrides or {})
+    if cfg["MODEL_LOAD"] not in LOAD_MODES:
+        raise ValueError(f"MODEL_LOAD must be one of {LOAD_MODES}, got {cfg['MODEL_LOAD']!r}")
+    mb = cfg["MAX_UPLOAD_MB"]
+    cfg["MAX_UPLOAD_MB"] = int(mb) if float(mb).is_integer() else mb
+    cfg["MAX_CONTENT_LENGTH"] = int(cfg["MAX_UPLOAD_MB"] * MIB) + MULTIPART_SLACK
+    return cfg
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app and start loading its model (in this process: gunicorn calls this after fork)."""
+    _configure_logging()
+    app = Flask(__name__)
+    app.config.update(load_config(config))
+
+    metrics = Metrics()
+    metrics.init_app(app)
+    predictor = app.config["PREDICTOR"] or Predictor(app.config["MODEL_DIR"])
+    app.extensions["aisight"] = {"predictor": predictor, "metrics": metrics}
+    web.init_app(app)
+
+    mode = app.config["MODEL_LOAD"]
+    if mode == "sync":
+        _load(predictor, metrics)
+    elif mode == "background":
+        # TensorFlow's import and the model load take seconds: /healthz must answer meanwhile.
+        threading.Thread(target=_load, args=(predictor, metrics), name="aisight-model-load", daemon=True).start()
+    elif predictor.ready:
+        _record_ready(predictor, metrics)
+    return app
+
+
+def _load(predictor: Predictor, metrics: Metrics) -> None:
+    log.info("loading model from %s", predictor.model_dir)
+    predictor.load()  # never raises: a failure leaves state "failed" and logs why
+    if predictor.ready:
+        _record_ready(predictor, metrics)
+    else:
+        log.error("model not loaded, /readyz stays 503: %s", predictor.error)
+
+
+def _record_ready(predictor: Predictor, metrics: Metrics) -> None:
+    if predictor.load_seconds is not None:
+        metrics.model_load.set(predictor.load_seconds)
+    metrics.model_ready.set(1)
+
+
+def _configure_logging() -> None:
+    # Under gunicorn only its own loggers have handlers; without this our INFO lines (model loaded,
+    # where from, in how long) would be dropped.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=os.environ.get("AISIGHT_LOG_LEVEL", "INFO").upper(),
+            format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+        )

@@ -1,0 +1,72 @@
+"""Gunicorn settings for ``make run`` and the container images, all from the environment.
+
+HOST, PORT (127.0.0.1:8000), WEB_CONCURRENCY (workers, 1), GUNICORN_THREADS (4), GUNICORN_TIMEOUT (120).
+No preload: TensorFlow is not fork-safe, so each worker builds the app and loads the model after fork.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{_int('PORT', 8000)}"
+workers = max(1, _int("WEB_CONCURRENCY", 1))
+# Threads: requests wait on the model and on slow phone uploads; the model runs one batch at a time.
+worker_class = "gthread"
+threads = max(1, _int("GUNICORN_THREADS", 4))
+# Above the worst model load + warm-up on a small CPU (loading happens inside the worker).
+timeout = _int("GUNICORN_TIMEOUT", 120)
+graceful_timeout = 30
+keepalive = 5
+preload_app = False
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# The heartbeat file on tmpfs: a container's overlay disk can stall it (and get workers killed).
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+if workers > 1:
+    # Each worker would otherwise run TensorFlow on every core and they would fight over them.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
+    # Several workers: /metrics must add up every worker's counts, which prometheus_client does through
+    # files in one folder (set before any worker imports it). Metrics only; uploads never touch disk.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aisight-metrics-")
+        _owned_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    else:
+        _owned_metrics_dir = None
+
+
+def on_starting(server) -> None:
+    """Start the metrics of a new server from zero (stale files would add old counts)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and os.path.isdir(path):
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+
+
+def child_exit(server, worker) -> None:
+    """Drop a dead worker's live gauges from /metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Remove the metrics folder this config made."""
+    path = globals().get("_owned_metrics_dir")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
