@@ -1,0 +1,112 @@
+"""Configuration by environment: the app's settings, gunicorn.conf.py, metrics across workers."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from app import create_app, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV_KEYS = ("HOST", "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "PROMETHEUS_MULTIPROC_DIR",
+            "TF_NUM_INTRAOP_THREADS")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in ENV_KEYS + ("AISIGHT_MODEL_DIR", "AISIGHT_MAX_UPLOAD_MB", "AISIGHT_GATE"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def gunicorn_settings() -> dict:
+    before = os.environ.copy()
+    try:
+        return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    finally:  # the config file sets variables for the workers it would start; undo that here
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def test_defaults(clean_env):
+    cfg = load_config()
+    assert Path(cfg["MODEL_DIR"]) == ROOT / "model"
+    assert cfg["MAX_UPLOAD_MB"] == 20 and cfg["MAX_CONTENT_LENGTH"] > 20 * 1024 * 1024
+    assert cfg["GATE"] is True and cfg["MODEL_LOAD"] == "background"
+
+
+def test_environment(clean_env, tmp_path):
+    clean_env.setenv("AISIGHT_MODEL_DIR", str(tmp_path))
+    clean_env.setenv("AISIGHT_MAX_UPLOAD_MB", "5")
+    clean_env.setenv("AISIGHT_GATE", "off")
+    cfg = load_config()
+    assert cfg["MODEL_DIR"] == str(tmp_path) and cfg["MAX_UPLOAD_MB"] == 5 and cfg["GATE"] is False
+    assert load_config({"MAX_UPLOAD_MB": 2})["MAX_UPLOAD_MB"] == 2  # overrides beat the environment
+
+
+def test_bad_load_mode_is_refused():
+    with pytest.raises(ValueError):
+        load_config({"MODEL_LOAD": "eventually"})
+
+
+def test_gunicorn_defaults(clean_env):
+    s = gunicorn_settings()
+    assert s["bind"] == "127.0.0.1:8000"
+    assert s["workers"] == 1 and s["threads"] == 4 and s["worker_class"] == "gthread"
+    assert s["preload_app"] is False  # TensorFlow is not fork-safe: load after fork
+    assert s["timeout"] >= 60
+
+
+def test_gunicorn_environment(clean_env):
+    for k, v in {"HOST": "0.0.0.0", "PORT": "9123", "WEB_CONCURRENCY": "3", "GUNICORN_THREADS": "8",
+                 "GUNICORN_TIMEOUT": "200"}.items():
+        clean_env.setenv(k, v)
+    s = gunicorn_settings()
+    assert s["bind"] == "0.0.0.0:9123" and s["workers"] == 3 and s["threads"] == 8 and s["timeout"] == 200
+    metrics_dir = s["_owned_metrics_dir"]  # several workers: /metrics adds their counts up through files
+    assert metrics_dir and Path(metrics_dir).is_dir()
+    s["on_exit"](None)
+    assert not Path(metrics_dir).exists()
+
+
+def test_metrics_add_up_across_processes(tmp_path):
+    """In multiprocess mode (several gunicorn workers) /metrics reports every process' counts."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from app import create_app
+        app = create_app({"MODEL_LOAD": "none", "MODEL_DIR": sys.argv[1]})
+        c = app.test_client()
+        for _ in range(int(sys.argv[2])):
+            c.get("/healthz")
+        print(c.get("/metrics").get_data(as_text=True))
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+    def run(n: int) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "no-model"), str(n)],
+            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    run(2)
+    text = run(3)  # a second process sees the first one's requests too
+    line = next(x for x in text.splitlines() if x.startswith("aisight_http_requests_total") and "/healthz" in x)
+    assert float(line.rsplit(" ", 1)[1]) == 5
+
+
+def test_create_app_takes_an_injected_predictor(model_dir):
+    from aisight.predictor import Predictor
+
+    p = Predictor(model_dir).load()
+    app = create_app({"PREDICTOR": p, "MODEL_LOAD": "none"})
+    assert app.test_client().get("/readyz").status_code == 200
