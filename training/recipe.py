@@ -371,6 +371,11 @@ def prepare(
                 )
         else:
             write_parts(split_dir, parts, info)
+    train = info["summary"]["train"]
+    if train["images"] and not 0.35 <= train["diseased"] / train["images"] <= 0.65:
+        # The paper's factors balance EyePACS + ORIGA; on other data they may not (docs/training.md).
+        log(f"recipe: the training part is {train['diseased'] / train['images']:.0%} diseased; set --aug-healthy "
+            "and --aug-diseased to balance it (fundus-eye4: --aug-healthy 3,1 --aug-diseased 2,1)")
     for name in PARTS:
         s = info["summary"][name]
         log(
