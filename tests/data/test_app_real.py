@@ -1,0 +1,76 @@
+"""The app on real fundus photographs (../shared/data/fundus-eye4; skipped when absent)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+import numpy as np
+import pytest
+
+from aisight.artifact import DEFAULT_MODEL_DIR
+from aisight.preprocess import preprocess_path
+from app import create_app
+
+# A few of each original class, the PNG ones (retina_dataset) included when the manifest has them.
+PER_CLASS = 3
+
+
+def post(client, data: bytes, url: str = "/api/v1/predict", name: str = "photo.jpg"):
+    return client.post(url, data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+
+@pytest.fixture(scope="module")
+def photos(fundus_dir) -> list[dict]:
+    with open(fundus_dir / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    picked: list[dict] = []
+    for cls in sorted({r["original_label"] for r in rows}):
+        picked += [r for r in rows if r["original_label"] == cls][:PER_CLASS]
+    pngs = [r for r in rows if r["path"].lower().endswith(".png")]
+    picked += pngs[:1]
+    return [{**r, "file": fundus_dir / r["path"]} for r in picked]
+
+
+@pytest.fixture(scope="module")
+def app(model_dir):
+    return create_app({"MODEL_DIR": str(model_dir), "MODEL_LOAD": "sync"})
+
+
+def test_real_photos_through_api_and_form(app, photos):
+    c = app.test_client()
+    for row in photos:
+        data = row["file"].read_bytes()
+        r = post(c, data, name=row["file"].name)
+        assert r.status_code == 200, (row["path"], r.get_json())
+        body = r.get_json()
+        assert body["label"] in ("healthy", "diseased") and 0 <= body["probability"] <= 1
+        page = post(c, data, url="/", name=row["file"].name).get_data(as_text=True)
+        assert re.findall(r'data-prediction="([a-z]+)"', page) == [body["label"]]
+
+
+def test_real_photos_reach_the_model_as_training_sees_them(app, photos, monkeypatch):
+    p = app.extensions["aisight"]["predictor"]
+    seen: list[np.ndarray] = []
+    real = p.predict_one
+    monkeypatch.setattr(p, "predict_one", lambda arr: seen.append(arr.copy()) or real(arr))
+    c = app.test_client()
+    for row in photos:
+        assert post(c, row["file"].read_bytes()).status_code == 200
+    for row, arr in zip(photos, seen, strict=True):
+        assert np.array_equal(arr, preprocess_path(row["file"])), row["path"]
+
+
+def test_bundled_model_answers_real_photos(photos):
+    """The model in the repository (what `make run` serves) loads and answers."""
+    app = create_app({"MODEL_DIR": str(DEFAULT_MODEL_DIR), "MODEL_LOAD": "sync"})
+    c = app.test_client()
+    assert c.get("/readyz").status_code == 200, c.get("/readyz").get_json()
+    card = app.extensions["aisight"]["predictor"].card
+    r = post(c, photos[0]["file"].read_bytes(), url="/")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert card["name"] in html and card["version"] in html
+    if card.get("warning"):
+        assert card["warning"] in html  # a demo model says so on the page
