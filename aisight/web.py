@@ -173,7 +173,8 @@ def api_answer(s: Screening) -> dict[str, Any]:
 
 def display_image(data: bytes, max_side: int = DISPLAY_MAX_SIDE) -> tuple[str, int, int]:
     """Return the upload, upright and downscaled, as a JPEG data: URL plus its width and height."""
-    img = open_image(data, draft_size=(max_side, max_side))
+    # Draft to at least half the display size: a 12 MP JPEG then decodes at 1/4 scale (1000x750), not 1/2.
+    img = open_image(data, draft_size=(max_side // 2, max_side // 2))
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
