@@ -51,3 +51,20 @@ def test_real_photos_decode_to_model_inputs(real, tmp_path):
     x, y, kept, bad = load_arrays(picks, tmp_path)
     assert not bad and x.shape == (len(picks), 128, 128, 3) and x.dtype == np.uint8
     assert 20 < x.mean() < 200  # photos, not blank arrays
+
+
+@pytest.mark.slow
+def test_tiny_selection_on_real_photos(fundus_dir, tmp_path):
+    """select -> rank -> report through the real code on 160 real photos (TinyNet, one epoch)."""
+    import json
+
+    from training.__main__ import main
+
+    out = tmp_path / "out"
+    rc = main(["select", "--data", str(fundus_dir), "--out", str(out), "--archs", "TinyNet", "--epochs", "1",
+               "--limit", "160", "--aug-healthy", "3,1", "--aug-diseased", "2,1", "--optimizers", "adam",
+               "--losses", "mse", "--baseline-arch", "TinyNet", "--cache", str(tmp_path / "cache")])
+    assert rc == 0
+    result = json.loads((out / "stage2" / "TinyNet-adam-mse" / "result.json").read_text())
+    assert "val" in result["source_controlled"]  # odir: healthy and diseased from one collection
+    assert (out / "report.md").is_file() and (out / "plots" / "stage2_roc.png").is_file()
