@@ -1,8 +1,17 @@
-"""Load the model artifact once per process and answer predictions on CPU or GPU."""
+"""Load the model artifact once per process and answer predictions on CPU or GPU.
+
+Single-image predictions from concurrent request threads are micro-batched (aisight.batching): one
+model call answers every image that arrives within a few milliseconds of the first, which is several
+times the throughput of one call per image on a CPU and far more on a GPU. Settings, from the
+environment unless given: AISIGHT_BATCH_MAX (largest batch, 8; 1 turns batching off),
+AISIGHT_BATCH_WAIT_MS (longest wait for company, 3 ms), AISIGHT_PRECISION (float32, or bf16 where the
+hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs). See docs/performance.md.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -11,9 +20,14 @@ from typing import Any
 import numpy as np
 
 from aisight.artifact import ArtifactError, load_model, read_card
+from aisight.batching import BatcherClosed, MicroBatcher
 from aisight.preprocess import INPUT_SHAPE
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "bf16")
+DEFAULT_MAX_BATCH = 8
+DEFAULT_WAIT_MS = 3.0
 
 
 class ModelNotReady(RuntimeError):
@@ -27,8 +41,29 @@ class Predictor:
     ``failed`` (the reason is kept in ``error`` and logged); predictions are refused unless ready.
     """
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_batch: int | None = None,
+        max_wait_ms: float | None = None,
+        precision: str | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
+        self.max_batch = (
+            max_batch if max_batch is not None else _env_number("AISIGHT_BATCH_MAX", DEFAULT_MAX_BATCH, int)
+        )
+        self.max_wait_ms = (
+            max_wait_ms if max_wait_ms is not None else _env_number("AISIGHT_BATCH_WAIT_MS", DEFAULT_WAIT_MS, float)
+        )
+        if self.max_batch < 1:
+            raise ValueError(f"AISIGHT_BATCH_MAX must be at least 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"AISIGHT_BATCH_WAIT_MS must be >= 0, got {self.max_wait_ms}")
+        precision = (precision or os.environ.get("AISIGHT_PRECISION") or "float32").strip().lower()
+        if precision not in PRECISIONS:
+            raise ValueError(f"AISIGHT_PRECISION must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision  # what the model computes in once loaded (bf16 falls back where not native)
         self.state = "loading"
         self.error: str | None = None
         self.card: dict[str, Any] | None = None
@@ -36,6 +71,7 @@ class Predictor:
         self.load_seconds: float | None = None
         self.device = "cpu"
         self._infer = None
+        self._batcher: MicroBatcher | None = None
         self._lock = threading.Lock()
 
     @property
@@ -59,20 +95,34 @@ class Predictor:
                 raise ArtifactError(f"model input shape {shape} != {INPUT_SHAPE}")
             if tuple(model.output_shape[1:]) != (2,):
                 raise ArtifactError(f"model output shape {model.output_shape[1:]} != (2,)")
-            self.card, self.model = card, model
-            self._infer = _compile(model)
             self.device = _device_name()
-            warm = self._run(np.zeros((1, *INPUT_SHAPE), np.uint8))
-            if not np.all(np.isfinite(warm)):
-                raise ArtifactError("warm-up prediction is not finite")
+            if self.precision == "bf16" and not _bf16_native(self.device):
+                log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
+                self.precision = "float32"
+            net = _bf16_clone(model) if self.precision == "bf16" else model
+            self.card, self.model = card, model
+            self._infer = _compile(net)
+            for size in self.warm_batches():
+                warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
+                if not np.all(np.isfinite(warm)):
+                    raise ArtifactError("warm-up prediction is not finite")
         except Exception as exc:  # any failure leaves the process serving, but not ready
             self.state, self.error = "failed", str(exc)
             log.error("model load failed from %s: %s", self.model_dir, exc)
             return self
+        if self.max_batch > 1:
+            self._batcher = MicroBatcher(self._run, max_batch=self.max_batch, max_wait=self.max_wait_ms / 1000)
         self.load_seconds = time.perf_counter() - start
         self.state = "ready"
-        log.info("model %s %s ready on %s in %.2fs", card["name"], card["version"], self.device, self.load_seconds)
+        log.info(
+            "model %s %s ready on %s (%s, batches up to %d, wait %.1f ms) in %.2fs", card["name"], card["version"],
+            self.device, self.precision, self.max_batch, self.max_wait_ms, self.load_seconds,
+        )
         return self
+
+    def warm_batches(self) -> list[int]:
+        """Batch sizes run once at load, so that no request pays for a first call."""
+        return sorted({1, self.max_batch})
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Return P(diseased) for a batch of 128x128x3 uint8 images (shape (n, 128, 128, 3))."""
@@ -86,16 +136,44 @@ class Predictor:
         return self._run(images)
 
     def predict_one(self, image: np.ndarray) -> float:
-        """Return P(diseased) for one 128x128x3 uint8 image (the request path; may be micro-batched)."""
-        return float(self.predict(image[None])[0])
+        """Return P(diseased) for one 128x128x3 uint8 image (the request path; micro-batched)."""
+        if not self.ready:
+            raise ModelNotReady(self.error or "model is still loading")
+        image = np.asarray(image)
+        if image.shape != INPUT_SHAPE:
+            raise ValueError(f"expected one image of shape {INPUT_SHAPE}, got {image.shape}")
+        batcher = self._batcher
+        if batcher is None:
+            return float(self._run(image[None])[0])
+        try:
+            return float(batcher.submit(image))
+        except BatcherClosed:
+            raise ModelNotReady("the model is shutting down") from None
+
+    def close(self) -> None:
+        """Stop the batcher (images already queued are answered); later predictions raise ModelNotReady."""
+        if self.state == "ready":
+            self.state, self.error = "closed", "the model was closed"
+        if self._batcher is not None:
+            self._batcher.close()
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         batch = images.astype(np.float32, copy=False)
         # One inference at a time per process: TF already uses every core for one batch, and
-        # interleaving threads only adds contention.
+        # interleaving threads only adds contention (the batcher is the one caller on the request path).
         with self._lock:
             probs = self._infer(batch)
         return np.asarray(probs, dtype=np.float64)[:, 1]
+
+
+def _env_number(name: str, default, kind):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def _compile(model):
@@ -104,9 +182,38 @@ def _compile(model):
 
     @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)], reduce_retracing=True)
     def infer(x):
-        return model(x, training=False)
+        return tf.cast(model(x, training=False), tf.float32)
 
     return lambda batch: infer(tf.constant(batch)).numpy()
+
+
+def _bf16_clone(model):
+    """Rebuild ``model`` under Keras' mixed_bfloat16 policy with the same weights (float32 variables).
+
+    The input scaling layer and the softmax keep float32, as Keras' mixed-precision guide advises.
+    """
+    import keras
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer) and layer.name not in ("preprocess", "prediction"):
+            cfg["dtype"] = "mixed_bfloat16"
+        return layer.__class__.from_config(cfg)
+
+    net = keras.models.clone_model(model, clone_function=clone)
+    net.set_weights(model.get_weights())
+    return net
+
+
+def _bf16_native(device: str) -> bool:
+    """Whether bf16 is computed natively here: any GPU TF uses, or a CPU with AMX or AVX512-BF16."""
+    if device.startswith("gpu"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _device_name() -> str:
