@@ -33,26 +33,27 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
-if workers > 1:
-    # Each worker would otherwise run TensorFlow on every core and they would fight over them.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
-    # Several workers: /metrics must add up every worker's counts, which prometheus_client does through
-    # files in one folder (set before any worker imports it). Metrics only; uploads never touch disk.
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aisight-metrics-")
-        _owned_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    else:
-        _owned_metrics_dir = None
+# Set by on_starting when it makes the metrics folder itself (and so removes it on exit).
+_owned_metrics_dir: str | None = None
 
 
 def on_starting(server) -> None:
-    """Start the metrics of a new server from zero (stale files would add old counts)."""
+    """Prepare the workers' environment (they inherit it at fork and import TensorFlow after)."""
+    global _owned_metrics_dir
+    n = server.cfg.workers
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if n > 1:
+        # Each worker would otherwise run TensorFlow on every core and they would fight over them.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // n)))
+        # Several workers: /metrics must add up every worker's counts, which prometheus_client does
+        # through files in one folder. Metrics only: uploads never touch the disk.
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            _owned_metrics_dir = tempfile.mkdtemp(prefix="aisight-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _owned_metrics_dir
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path and os.path.isdir(path):
-        for name in os.listdir(path):
+        for name in os.listdir(path):  # a new server counts from zero: stale files would add old counts
             if name.endswith(".db"):
                 os.remove(os.path.join(path, name))
 
@@ -66,7 +67,6 @@ def child_exit(server, worker) -> None:
 
 
 def on_exit(server) -> None:
-    """Remove the metrics folder this config made."""
-    path = globals().get("_owned_metrics_dir")
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
+    """Remove the metrics folder on_starting made."""
+    if _owned_metrics_dir:
+        shutil.rmtree(_owned_metrics_dir, ignore_errors=True)

@@ -15,23 +15,29 @@ from app import create_app, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_KEYS = ("HOST", "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "PROMETHEUS_MULTIPROC_DIR",
-            "TF_NUM_INTRAOP_THREADS")
+            "TF_NUM_INTRAOP_THREADS", "TF_CPP_MIN_LOG_LEVEL")
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """The environment without the settings under test; restored whole afterwards (hooks write to it)."""
+    saved = os.environ.copy()
     for key in ENV_KEYS + ("AISIGHT_MODEL_DIR", "AISIGHT_MAX_UPLOAD_MB", "AISIGHT_GATE"):
-        monkeypatch.delenv(key, raising=False)
-    return monkeypatch
+        os.environ.pop(key, None)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def gunicorn_settings() -> dict:
-    before = os.environ.copy()
-    try:
-        return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    finally:  # the config file sets variables for the workers it would start; undo that here
-        os.environ.clear()
-        os.environ.update(before)
+    return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+
+
+class FakeServer:
+    """What gunicorn passes to the server hooks, as far as gunicorn.conf.py looks."""
+
+    def __init__(self, workers: int) -> None:
+        self.cfg = type("Cfg", (), {"workers": workers})()
 
 
 def test_defaults(clean_env):
@@ -69,10 +75,23 @@ def test_gunicorn_environment(clean_env):
         clean_env.setenv(k, v)
     s = gunicorn_settings()
     assert s["bind"] == "0.0.0.0:9123" and s["workers"] == 3 and s["threads"] == 8 and s["timeout"] == 200
-    metrics_dir = s["_owned_metrics_dir"]  # several workers: /metrics adds their counts up through files
-    assert metrics_dir and Path(metrics_dir).is_dir()
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # loading the config has no side effects
+
+
+def test_gunicorn_hooks_prepare_several_workers(clean_env):
+    s = gunicorn_settings()
+    s["on_starting"](FakeServer(workers=2))
+    # Several workers: /metrics adds their counts up through files in one folder, made here.
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    assert Path(metrics_dir).is_dir() and int(os.environ["TF_NUM_INTRAOP_THREADS"]) >= 1
     s["on_exit"](None)
     assert not Path(metrics_dir).exists()
+
+
+def test_gunicorn_hooks_leave_one_worker_alone(clean_env):
+    s = gunicorn_settings()
+    s["on_starting"](FakeServer(workers=1))
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ and "TF_NUM_INTRAOP_THREADS" not in os.environ
 
 
 def test_metrics_add_up_across_processes(tmp_path):
