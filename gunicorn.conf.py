@@ -70,3 +70,11 @@ def on_exit(server) -> None:
     """Remove the metrics folder on_starting made."""
     if _owned_metrics_dir:
         shutil.rmtree(_owned_metrics_dir, ignore_errors=True)
+
+
+def worker_exit(server, worker) -> None:
+    """Stop the worker's model cleanly (its micro-batcher answers what is queued, then stops)."""
+    app = getattr(worker, "wsgi", None)
+    predictor = getattr(app, "extensions", {}).get("aisight", {}).get("predictor")
+    if predictor is not None and hasattr(predictor, "close"):
+        predictor.close()

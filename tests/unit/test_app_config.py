@@ -129,3 +129,19 @@ def test_create_app_takes_an_injected_predictor(model_dir):
     p = Predictor(model_dir).load()
     app = create_app({"PREDICTOR": p, "MODEL_LOAD": "none"})
     assert app.test_client().get("/readyz").status_code == 200
+
+
+def test_worker_exit_closes_the_model(clean_env):
+    closed = []
+
+    class FakePredictor:
+        state, ready, card, error, load_seconds = "ready", True, None, None, 0.1
+
+        def close(self):
+            closed.append(True)
+
+    app = create_app({"PREDICTOR": FakePredictor(), "MODEL_LOAD": "none"})
+    worker = type("Worker", (), {"wsgi": app})()
+    gunicorn_settings()["worker_exit"](None, worker)
+    assert closed == [True]
+    gunicorn_settings()["worker_exit"](None, type("Worker", (), {})())  # a worker that never loaded the app
