@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
+from aisight.preprocess import to_rgb
+
 # --- Working resolutions -------------------------------------------------------------------------
 SHAPE_SIDE = 128  # field-of-view shape, colour and exposure: coarse structure only
 FOCUS_SIDE = 256  # sharpness needs finer detail; never upsampled (a 160 px upload is measured at 160)
@@ -151,6 +153,8 @@ def measure(img: Image.Image, original_size: tuple[int, int] | None = None) -> d
 def _measure(img: Image.Image, original_size: tuple[int, int] | None) -> dict[str, float]:
     ow, oh = original_size or img.size
     m: dict[str, float] = {"min_side": float(min(ow, oh))}
+    if img.mode != "RGB":  # open_image already gives RGB; anything else is converted the same way
+        img = to_rgb(img)
     # One resize from the upload, then a cheap one from that copy.
     small = _shrink(img, FOCUS_SIDE)
     # Undoes draft decoding and the downscale; by area, so an EXIF rotation (w and h swapped) is harmless.
