@@ -13,6 +13,7 @@ import csv
 import gc
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -170,7 +171,7 @@ def run_candidate(
     history_path.unlink(missing_ok=True)
     controlled = np.array([it.source == SOURCE_CONTROLLED for it in val_items])
     t0 = time.perf_counter()
-    model, history = fit(cfg, (x_tr, y_tr), (x_val, y_val), log, history_path, controlled)
+    model, history = fit(cfg, (x_tr, y_tr), (x_val, y_val), log, history_path, controlled, progress=sys.stdout.isatty())
     model = to_float32(model, cfg)
     # One call for all parts: predict_proba traces its function anew on every call (seconds per model).
     names = list(prep.arrays)

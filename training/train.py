@@ -160,10 +160,12 @@ def fit(
     log: Callable[[str], None] = print,
     history_path: Path | None = None,
     val_controlled: np.ndarray | None = None,
+    progress: bool = False,
 ):
     """Train ``cfg`` on ``train``; every epoch recalibrate BatchNormalization and score ``val`` in
     inference mode; keep the weights of the best epoch. ``val_controlled`` marks the validation
-    images of the source-controlled subset, reported (and selectable) separately.
+    images of the source-controlled subset, reported (and selectable) separately. ``progress`` shows
+    Keras' per-batch progress bar (long epochs on a CPU).
     Returns (model, history rows)."""
     import keras
 
@@ -207,7 +209,7 @@ def fit(
             if t0 - started + per_epoch > cfg.time_budget_minutes * 60:
                 log(f"time budget of {cfg.time_budget_minutes:g} min reached after {len(history)} epochs: stopping")
                 break
-        h = model.fit(ds, epochs=1, verbose=0, class_weight=class_weight)
+        h = model.fit(ds, epochs=1, verbose=1 if progress else 0, class_weight=class_weight)
         train_seconds = time.perf_counter() - t0
         recalibrate_bn(model, x_train, cfg.batch_size, cfg.recalibrate_batches)
         p_val = predict_proba(model, x_val)
