@@ -72,6 +72,7 @@ class Predictor:
         self.device = "cpu"
         self._infer = None
         self._batcher: MicroBatcher | None = None
+        self._buckets: tuple[int, ...] = _buckets(self.max_batch)
         self._lock = threading.Lock()
 
     @property
@@ -89,20 +90,20 @@ class Predictor:
         start = time.perf_counter()
         try:
             card = read_card(self.model_dir)
-            model = load_model(self.model_dir)
+            self.device = _device_name()
+            if self.precision == "bf16" and not _bf16_native(self.device):
+                log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
+                self.precision = "float32"
+            model = _load_bf16(self.model_dir) if self.precision == "bf16" else load_model(self.model_dir)
             shape = tuple(model.input_shape[1:])
             if shape != INPUT_SHAPE:
                 raise ArtifactError(f"model input shape {shape} != {INPUT_SHAPE}")
             if tuple(model.output_shape[1:]) != (2,):
                 raise ArtifactError(f"model output shape {model.output_shape[1:]} != (2,)")
-            self.device = _device_name()
-            if self.precision == "bf16" and not _bf16_native(self.device):
-                log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
-                self.precision = "float32"
-            net = _bf16_clone(model) if self.precision == "bf16" else model
             self.card, self.model = card, model
-            self._infer = _compile(net)
-            for size in self.warm_batches():
+            self._infer = _compile(model)
+            self._buckets = _buckets(self.max_batch)
+            for size in self._buckets:
                 warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
                 if not np.all(np.isfinite(warm)):
                     raise ArtifactError("warm-up prediction is not finite")
@@ -121,8 +122,8 @@ class Predictor:
         return self
 
     def warm_batches(self) -> list[int]:
-        """Batch sizes run once at load, so that no request pays for a first call."""
-        return sorted({1, self.max_batch})
+        """The batch sizes the model runs (others are padded up to one) and warms up at load."""
+        return list(self._buckets)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Return P(diseased) for a batch of 128x128x3 uint8 images (shape (n, 128, 128, 3))."""
@@ -158,12 +159,18 @@ class Predictor:
             self._batcher.close()
 
     def _run(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
         batch = images.astype(np.float32, copy=False)
+        # Pad up to a warmed batch size: a batch size the model has not seen costs a slow first call
+        # (oneDNN builds kernels per shape), which would land in some request's latency.
+        size = next((b for b in self._buckets if b >= n), n)
+        if size > n:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), np.float32)])
         # One inference at a time per process: TF already uses every core for one batch, and
         # interleaving threads only adds contention (the batcher is the one caller on the request path).
         with self._lock:
             probs = self._infer(batch)
-        return np.asarray(probs, dtype=np.float64)[:, 1]
+        return np.asarray(probs, dtype=np.float64)[:n, 1]
 
 
 def _env_number(name: str, default, kind):
@@ -187,22 +194,52 @@ def _compile(model):
     return lambda batch: infer(tf.constant(batch)).numpy()
 
 
-def _bf16_clone(model):
-    """Rebuild ``model`` under Keras' mixed_bfloat16 policy with the same weights (float32 variables).
+def _buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch``, then ``max_batch``: padding wastes at most half a batch."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
 
-    The input scaling layer and the softmax keep float32, as Keras' mixed-precision guide advises.
+
+# Layers that stay float32 under bf16: the input scaling (0..255 has few bf16 steps) and the softmax,
+# as Keras' mixed-precision guide advises for the output.
+_FLOAT32_LAYERS = ("preprocess", "prediction")
+
+
+def _load_bf16(model_dir: str | Path):
+    """Load the artifact's model with every other layer under Keras' mixed_bfloat16 policy.
+
+    The saved config is rewritten before the model is built, so the network is built once (not built
+    in float32 and then cloned); the weights stay float32 variables, cast to bf16 as they are used.
     """
+    import json
+    import zipfile
+
     import keras
 
-    def clone(layer):
-        cfg = layer.get_config()
-        if not isinstance(layer, keras.layers.InputLayer) and layer.name not in ("preprocess", "prediction"):
-            cfg["dtype"] = "mixed_bfloat16"
-        return layer.__class__.from_config(cfg)
+    import aisight.layers  # noqa: F401  registers FamilyPreprocess for deserialization
+    from aisight.artifact import MODEL_FILE
 
-    net = keras.models.clone_model(model, clone_function=clone)
-    net.set_weights(model.get_weights())
-    return net
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise ArtifactError(f"model file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json"))
+        layers = config["config"]["layers"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"model file unreadable: {path}: {exc}") from exc
+    for layer in layers:
+        if layer.get("class_name") != "InputLayer" and layer["config"].get("name") not in _FLOAT32_LAYERS:
+            layer["config"]["dtype"] = "mixed_bfloat16"
+    try:
+        model = keras.saving.deserialize_keras_object(config)
+        model.load_weights(path)
+    except Exception as exc:  # same as load_model: any failure here means the file does not fit
+        raise ArtifactError(f"model file unreadable as bf16: {path}: {exc}") from exc
+    return model
 
 
 def _bf16_native(device: str) -> bool:

@@ -3,8 +3,7 @@
 Each inference path runs in its own process (oneDNN reads its floating-point mode once, at start):
 
 - ``float32``: the traced ``tf.function`` the app serves by default (aisight.predictor, float32);
-- ``bf16``: the app's ``AISIGHT_PRECISION=bf16`` path (aisight.predictor);
-- ``bf16-keras``: the model rebuilt under Keras' ``mixed_bfloat16`` policy (the other way to get bf16);
+- ``bf16``: the app's ``AISIGHT_PRECISION=bf16`` path (aisight.predictor: Keras' ``mixed_bfloat16``);
 - ``bf16-onednn``: the float32 ``tf.function`` with oneDNN told to compute in bf16 (AMX), fp32 in memory;
 - ``xla``: the float32 ``tf.function`` with ``jit_compile=True``;
 - ``predict``: ``model.predict(x)`` per call, the paper's way.
@@ -37,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CACHE = Path(os.environ.get("AISIGHT_BENCH_CACHE", Path(tempfile.gettempdir()) / "aisight-bench"))
-PATHS = ("float32", "bf16", "bf16-keras", "bf16-onednn", "xla", "predict")
+PATHS = ("float32", "bf16", "bf16-onednn", "xla", "predict")
 DEFAULT_PATHS = ("float32", "bf16", "predict")
 # Paths that differ only by the environment their process starts with.
 PATH_ENV = {"bf16-onednn": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}}
@@ -167,6 +166,7 @@ def build_step(path: str, model_dir: Path):
     if path in ("float32", "bf16"):
         from aisight.predictor import Predictor
 
+        # max_batch=1: no micro-batcher and no padding, so each batch size runs as it is.
         p = Predictor(model_dir, max_batch=1, precision=path).load()
         if not p.ready:
             raise RuntimeError(p.error)
@@ -176,26 +176,8 @@ def build_step(path: str, model_dir: Path):
         return (lambda x: model.predict(x.astype(np.float32), verbose=0)[:, 1]), model
     import tensorflow as tf
 
-    net = model
-    if path == "bf16-keras":
-        net = _mixed_bf16_clone(model)
-    fn = tf.function(lambda x: tf.cast(net(x, training=False), tf.float32), jit_compile=path == "xla")
+    fn = tf.function(lambda x: model(x, training=False), jit_compile=path == "xla")
     return (lambda x: fn(tf.constant(x, tf.float32)).numpy()[:, 1]), model
-
-
-def _mixed_bf16_clone(model):
-    import keras
-
-    def clone(layer):
-        cfg = layer.get_config()
-        # The input scaling and the softmax stay float32, as Keras' mixed-precision guide advises.
-        if layer.name not in ("preprocess", "prediction"):
-            cfg["dtype"] = "mixed_bfloat16"
-        return layer.__class__.from_config(cfg)
-
-    net = keras.models.clone_model(model, clone_function=clone)
-    net.set_weights(model.get_weights())
-    return net
 
 
 def time_batches(run, batches: list[int], seconds: float, seed: int = 0) -> list[dict]:

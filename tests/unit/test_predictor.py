@@ -28,7 +28,7 @@ def test_loads_ready_with_its_settings(predictor: Predictor):
     assert predictor.state == "ready" and predictor.error is None
     assert predictor.precision == "float32" and predictor.device.startswith(("cpu", "gpu"))
     assert predictor.max_batch == 4 and predictor.max_wait_ms == 20
-    assert predictor.warm_batches() == [1, 4]
+    assert predictor.warm_batches() == [1, 2, 4]
     assert 0.0 <= predictor.threshold <= 1.0 and predictor.load_seconds > 0
 
 
@@ -56,6 +56,18 @@ def test_predict_batch_matches_single_calls(predictor: Predictor, images: np.nda
     batch = predictor.predict(images[:5])
     singles = [predictor.predict_one(img) for img in images[:5]]
     np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_padded_batches_answer_like_single_images(predictor: Predictor, images: np.ndarray):
+    # Three images run padded to the warmed batch size 4; the padding never leaks into the answers.
+    np.testing.assert_allclose(predictor.predict(images[:3]), predictor.predict(images[:4])[:3], atol=1e-5)
+    assert predictor.predict(images[:3]).shape == (3,)
+
+
+def test_batch_sizes_are_powers_of_two_up_to_the_max(model_dir: Path):
+    assert Predictor(model_dir, max_batch=1).warm_batches() == [1]
+    assert Predictor(model_dir, max_batch=8).warm_batches() == [1, 2, 4, 8]
+    assert Predictor(model_dir, max_batch=12).warm_batches() == [1, 2, 4, 8, 12]
 
 
 def test_wrong_shapes_are_refused_before_batching(predictor: Predictor):
@@ -150,6 +162,8 @@ def test_bf16_answers_close_to_float32(model_dir: Path, predictor: Predictor, im
         assert p.precision == "float32"  # falls back where bf16 would be emulated (slow)
         pytest.skip("no native bf16 here")
     assert p.precision == "bf16"
+    assert p.model.layers[-1].dtype_policy.name == "float32"  # the softmax stays float32
+    assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in p.model.layers)
     diff = np.abs(p.predict(images) - predictor.predict(images))
     p.close()
     assert diff.max() < 0.05

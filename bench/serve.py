@@ -1,0 +1,424 @@
+"""Benchmark serving: the app (gunicorn, micro-batching) against the paper's way (bench/baseline_app.py).
+
+In one run on one machine this starts both servers on free loopback ports, measures each one's cold
+start (process start to /readyz 200), then drives them in turn with a bounded Python client
+(threads + http.client, keep-alive, 127.0.0.1 only) at concurrency 1, 4 and 8, a fixed number of
+requests per level and a time cap, for real 400x400 fundus JPEGs and for 12 MP phone photos (4000x3000
+JPEGs made from the real photos: upscaled, with sensor-like noise, quality 90). It reports requests/s,
+p50 and p99 latency and errors per server and level, and the app's speed-up at each level.
+
+    PYTHONPATH=. .venv/bin/python bench/serve.py                 # the full comparison (``make bench``)
+    PYTHONPATH=. .venv/bin/python bench/serve.py --grid 1x4,1x8,2x4 --sizes 400   # workers x threads
+    PYTHONPATH=. .venv/bin/python bench/serve.py --cold-start 3  # cold starts only
+
+Without ``--model`` both servers serve a cached random-weight Xception with the paper's head (the
+speed of the real model); ``--model model`` serves the bundled one. The model step alone is measured
+by bench/model_step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.model_step import model_dir_arg  # noqa: E402
+
+DEFAULT_DATA = Path(os.environ.get("AISIGHT_DATA", ROOT.parent / "shared" / "data" / "fundus-eye4"))
+HOST = "127.0.0.1"
+ROUTE = "/api/v1/predict"
+BOUNDARY = "aisightbenchboundary7f3a"
+PHONE_SIZE = (4000, 3000)
+
+
+# --- Photos -----------------------------------------------------------------------------------------
+
+
+def real_photos(data: Path, n: int) -> tuple[list[bytes], str]:
+    """``n`` real JPEGs from the data set (both labels, spread over it), or generated ones if it is absent."""
+    manifest = data / "manifest.csv"
+    if manifest.is_file():
+        rows = list(csv.DictReader(manifest.open()))
+        step = max(1, len(rows) // n)
+        picked = rows[::step][:n]
+        return [(data / r["path"]).read_bytes() for r in picked], f"{len(picked)} real photos from {data}"
+    print(f"real photos not found at {data}: using generated fundus images (training.synthetic)", file=sys.stderr)
+    from training.synthetic import make_fundus
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        make_fundus(rng, diseased=bool(i % 2), size=400).save(buf, format="JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out, f"{n} generated 400x400 fundus images (real photos not found at {data})"
+
+
+def phone_photo(jpeg: bytes, seed: int, size: tuple[int, int] = PHONE_SIZE) -> bytes:
+    """A 12 MP phone-style JPEG from a fundus photo: centred on a dark 4:3 frame, upscaled, noisy, q90."""
+    src = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    w, h = size
+    side = min(w, h)
+    frame = Image.new("RGB", size, (8, 8, 8))
+    frame.paste(src.resize((side, side), Image.Resampling.BICUBIC), ((w - side) // 2, (h - side) // 2))
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(frame, dtype=np.int16)
+    # Sensor noise, so the JPEG is as large as a real phone photo's (several MB), not a smooth upscale.
+    arr = np.clip(arr + rng.normal(0, 6, arr.shape).astype(np.int16), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def multipart(jpeg: bytes) -> bytes:
+    """A multipart/form-data body with the photo in the ``image`` field."""
+    head = (
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"photo.jpg\"\r\n"
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    return head + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# --- Servers ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A server process the bench started; ``cold_start_s`` is process start to the first /readyz 200."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    cold_start_s: float | None = None
+
+    def start(self, timeout: float = 600.0) -> Server:
+        log = self.log_path.open("wb")
+        t0 = time.perf_counter()
+        # A new session: stop() signals the server's whole process group (gunicorn and its workers).
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = t0 + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            if _status(self.port, "/readyz") == 200:
+                self.cold_start_s = time.perf_counter() - t0
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready within {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def _status(port: int, path: str) -> int | None:
+    try:
+        conn = http.client.HTTPConnection(HOST, port, timeout=2)
+        conn.request("GET", path)
+        status = conn.getresponse().status
+        conn.close()
+        return status
+    except OSError:
+        return None
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def app_server(model_dir: Path, workdir: Path, workers: int, threads: int, extra: dict[str, str] | None = None,
+               tag: str = "app") -> Server:
+    """The app as ``make run`` starts it: gunicorn with gunicorn.conf.py, on a free port."""
+    port = free_port()
+    env = _env({
+        "HOST": HOST, "PORT": str(port), "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(threads),
+        "AISIGHT_MODEL_DIR": str(model_dir), "GUNICORN_LOG_LEVEL": "warning", **(extra or {}),
+    })
+    cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "--access-logfile", "-",
+           "app:create_app()"]
+    return Server(f"{tag} {workers}x{threads}", cmd, env, port, workdir / f"{tag}-{workers}x{threads}-{port}.log")
+
+
+def baseline_server(model_dir: Path, workdir: Path) -> Server:
+    """bench/baseline_app.py: Flask's threaded server, PIL resize, model.predict per request."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "bench" / "baseline_app.py"), "--model", str(model_dir), "--port", str(port)]
+    return Server("baseline", cmd, _env({}), port, workdir / f"baseline-{port}.log")
+
+
+# --- Load -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    """One server at one concurrency with one kind of photo."""
+
+    server: str
+    photos: str
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    statuses: dict[str, int] = field(default_factory=dict)
+    capped: bool = False
+
+
+def drive(port: int, bodies: list[bytes], concurrency: int, n_requests: int, time_cap: float) -> tuple:
+    """Send ``n_requests`` (fewer if ``time_cap`` passes) from ``concurrency`` keep-alive clients."""
+    lock = threading.Lock()
+    issued = [0]
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    t_end = time.perf_counter() + time_cap
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=max(60.0, time_cap))
+        while True:
+            with lock:
+                if issued[0] >= n_requests or time.perf_counter() > t_end:
+                    break
+                i = issued[0]
+                issued[0] += 1
+            body = bodies[(i * 7 + k) % len(bodies)]
+            t = time.perf_counter()
+            try:
+                conn.request("POST", ROUTE, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                key = str(resp.status)
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException) as exc:
+                key = type(exc).__name__
+                conn.close()
+                conn = http.client.HTTPConnection(HOST, port, timeout=max(60.0, time_cap))
+            dt = time.perf_counter() - t
+            with lock:
+                statuses[key] = statuses.get(key, 0) + 1
+                if key == "200":
+                    latencies.append(dt)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, latencies, statuses, issued[0] < n_requests
+
+
+def measure(server: Server, photos: str, bodies: list[bytes], concurrency: int, n_requests: int,
+            time_cap: float) -> Level:
+    """Warm the server at this concurrency, then measure it."""
+    drive(server.port, bodies, concurrency, 2 * concurrency, time_cap)
+    seconds, lat, statuses, capped = drive(server.port, bodies, concurrency, n_requests, time_cap)
+    done = sum(statuses.values())
+    lv = Level(server.name, photos, concurrency, done, done - statuses.get("200", 0), seconds,
+               statuses=statuses, capped=capped)
+    lv.rps = done / seconds if seconds else 0.0
+    if lat:
+        lv.p50_ms = 1000 * float(np.percentile(lat, 50))
+        lv.p99_ms = 1000 * float(np.percentile(lat, 99))
+    print(f"  {server.name:>12} {photos:>6} c={concurrency}: {lv.rps:6.2f} req/s  p50 {lv.p50_ms:7.0f} ms  "
+          f"p99 {lv.p99_ms:7.0f} ms  errors {lv.errors}{'  (time cap)' if capped else ''}", file=sys.stderr,
+          flush=True)
+    return lv
+
+
+# --- Reports ----------------------------------------------------------------------------------------
+
+
+def table(levels: list[Level]) -> str:
+    """Markdown: one row per photo kind and concurrency, app and baseline side by side."""
+    by = {(lv.server.split()[0], lv.photos, lv.concurrency): lv for lv in levels}
+    lines = [
+        "| photos | concurrency | app req/s | app p50 ms | app p99 ms | baseline req/s | baseline p50 ms "
+        "| baseline p99 ms | speed-up | errors (app/baseline) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(lv.photos, lv.concurrency) for lv in levels}, key=lambda k: (k[0] != "400px", k[1]))
+    for photos, c in keys:
+        a, b = by.get(("app", photos, c)), by.get(("baseline", photos, c))
+        speed = f"{a.rps / b.rps:.1f}x" if a and b and b.rps else "-"
+        lines.append(
+            f"| {photos} | {c} | {_f(a, 'rps', 2)} | {_f(a, 'p50_ms')} | {_f(a, 'p99_ms')} | {_f(b, 'rps', 2)} "
+            f"| {_f(b, 'p50_ms')} | {_f(b, 'p99_ms')} | {speed} | {a.errors if a else '-'}/{b.errors if b else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def _f(lv: Level | None, key: str, digits: int = 0) -> str:
+    return "-" if lv is None else f"{getattr(lv, key):.{digits}f}"
+
+
+def machine_load() -> str:
+    """What else is running: the 1-minute load average and the CPU count."""
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        return "unknown"
+    return f"load average {load1:.1f} on {os.cpu_count()} CPUs"
+
+
+# --- Main -------------------------------------------------------------------------------------------
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        w, _, t = part.strip().lower().partition("x")
+        out.append((int(w), int(t)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model artifact folder (default: a cached random-weight Xception)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="fundus-eye4 folder (manifest.csv)")
+    ap.add_argument("--levels", default="1,4,8", help="concurrency levels")
+    ap.add_argument("--requests", type=int, default=64, help="measured requests per level")
+    ap.add_argument("--time-cap", type=float, default=90.0, help="seconds per level at most")
+    ap.add_argument("--sizes", default="400,12mp", help="photo kinds: 400 (real 400x400) and/or 12mp")
+    ap.add_argument("--workers", type=int, default=1, help="app: gunicorn workers")
+    ap.add_argument("--threads", type=int, default=8, help="app: threads per worker")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="app environment (repeat)")
+    ap.add_argument("--grid", help="only the app, for each WORKERSxTHREADS in this list (e.g. 1x4,1x8,2x4)")
+    ap.add_argument("--cold-start", type=int, metavar="N", help="only cold starts: N per server")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args(argv)
+
+    model_dir = model_dir_arg(args.model)
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    levels_c = [int(c) for c in args.levels.split(",")]
+    sizes = [s.strip().lower() for s in args.sizes.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="aisight-bench-"))
+    print(f"model {model_dir}; logs in {workdir}; {machine_load()}", file=sys.stderr, flush=True)
+
+    if args.cold_start:
+        return cold_starts(model_dir, workdir, args, extra)
+
+    real, source = real_photos(Path(args.data), 32)
+    photo_sets: dict[str, list[bytes]] = {}
+    if "400" in sizes:
+        photo_sets["400px"] = [multipart(b) for b in real]
+    if "12mp" in sizes:
+        t = time.perf_counter()
+        phones = [phone_photo(real[i], seed=i) for i in range(6)]
+        print(f"made {len(phones)} 12 MP photos ({np.mean([len(p) for p in phones]) / 1e6:.1f} MB each) in "
+              f"{time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+        photo_sets["12mp"] = [multipart(b) for b in phones]
+
+    configs = parse_grid(args.grid) if args.grid else [(args.workers, args.threads)]
+    servers = [app_server(model_dir, workdir, w, t, extra) for w, t in configs]
+    if not args.grid and not args.no_baseline:
+        servers.append(baseline_server(model_dir, workdir))
+    results: dict = {"model_dir": str(model_dir), "photos": source, "load_before": machine_load(), "levels": []}
+    levels: list[Level] = []
+    try:
+        for s in servers:
+            s.start()
+            print(f"{s.name}: ready {s.cold_start_s:.1f}s after start", file=sys.stderr, flush=True)
+        # Both servers stay up; each level runs on one server then the other, close in time, so a
+        # change in the machine's other load hits both alike.
+        for photos, bodies in photo_sets.items():
+            for c in levels_c:
+                for s in servers:
+                    levels.append(measure(s, photos, bodies, c, args.requests, args.time_cap))
+    finally:
+        for s in servers:
+            s.stop()
+    results["cold_start_s"] = {s.name: s.cold_start_s for s in servers}
+    results["levels"] = [asdict(lv) for lv in levels]
+    results["load_after"] = machine_load()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+    print(f"\nPhotos: {source}; 12 MP: {PHONE_SIZE[0]}x{PHONE_SIZE[1]} JPEG q90 made from them. "
+          f"{args.requests} requests per level. Machine: {results['load_before']} before, {results['load_after']} "
+          "after.\n")
+    if args.grid:
+        print(grid_table(levels))
+    else:
+        print(table(levels))
+    print("\nCold start (process start to /readyz 200): "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in results["cold_start_s"].items() if v is not None))
+    return 0
+
+
+def grid_table(levels: list[Level]) -> str:
+    lines = ["| workers x threads | photos | concurrency | req/s | p50 ms | p99 ms | errors |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for lv in levels:
+        lines.append(f"| {lv.server.split()[-1]} | {lv.photos} | {lv.concurrency} | {lv.rps:.2f} | {lv.p50_ms:.0f} "
+                     f"| {lv.p99_ms:.0f} | {lv.errors} |")
+    return "\n".join(lines)
+
+
+def cold_starts(model_dir: Path, workdir: Path, args, extra: dict[str, str]) -> int:
+    """Start and stop each server N times; print the median and every time (one server at a time)."""
+    variants = {"app": lambda: app_server(model_dir, workdir, args.workers, args.threads, extra)}
+    if not args.no_baseline:
+        variants["baseline"] = lambda: baseline_server(model_dir, workdir)
+    out = {}
+    for name, make in variants.items():
+        times = []
+        for _ in range(args.cold_start):
+            s = make()
+            try:
+                s.start()
+                times.append(s.cold_start_s)
+            finally:
+                s.stop()
+            print(f"  {name}: {times[-1]:.1f}s", file=sys.stderr, flush=True)
+        out[name] = times
+        print(f"{name}: cold start median {statistics.median(times):.1f}s ({', '.join(f'{t:.1f}' for t in times)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cold_start_s": out, "env": extra, "load": machine_load()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
