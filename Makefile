@@ -7,7 +7,7 @@ PORT ?= 8000
 DATA ?= ../shared/data/fundus-eye4
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-all lint model bench venv venv-dev browser
+.PHONY: run test test-all lint model report select bench bench-train venv venv-dev browser
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,20 @@ test: $(VENV)/.dev browser lint
 test-all: $(VENV)/.dev browser
 	$(PY) -m pytest -q -m "slow or not slow"
 
+# Retrain the bundled model from the shared photos with the committed config (about 1.5 h on 2 CPU cores).
 model: $(VENV)/.runtime
-	$(PY) -m training train --config configs/bundled.json --data $(DATA) --out model
+	$(PY) -m training train --config configs/bundled.json --data $(DATA) --out model --run-dir runs/bundled
+
+# Report (Markdown + PNG plots) of the run that produced the bundled model.
+report: $(VENV)/.runtime
+	$(PY) -m training report --run runs/bundled --out runs/bundled/report
+
+# The paper's full model selection (days on a CPU; see k8s/overlays/training for the cluster version).
+select: $(VENV)/.runtime
+	$(PY) -m training select --data $(DATA) --out runs/select --aug-healthy 3,1 --aug-diseased 2,1
 
 bench: $(VENV)/.dev
 	$(PY) bench/serve.py
+
+bench-train: $(VENV)/.dev
+	$(PY) bench/train_throughput.py
