@@ -209,15 +209,14 @@ _FLOAT32_LAYERS = ("preprocess", "prediction")
 
 
 def _load_bf16(model_dir: str | Path):
-    """Load the artifact's model with every other layer under Keras' mixed_bfloat16 policy.
+    """Load the artifact's model with its layers under Keras' mixed_bfloat16 policy, built once.
 
-    The saved config is rewritten before the model is built, so the network is built once (not built
-    in float32 and then cloned); the weights stay float32 variables, cast to bf16 as they are used.
+    The saved config is rewritten before the model is built (not built in float32 and then cloned, which
+    costs a second build at every start); weights stay float32 variables, cast to bf16 as they are used.
     """
+    import io
     import json
     import zipfile
-
-    import keras
 
     import aisight.layers  # noqa: F401  registers FamilyPreprocess for deserialization
     from aisight.artifact import MODEL_FILE
@@ -226,20 +225,52 @@ def _load_bf16(model_dir: str | Path):
     if not path.is_file():
         raise ArtifactError(f"model file not found: {path}")
     try:
-        with zipfile.ZipFile(path) as zf:
-            config = json.loads(zf.read("config.json"))
-        layers = config["config"]["layers"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(path) as src:
+            config = json.loads(src.read("config.json"))
+            for layer in config["config"]["layers"]:
+                if layer.get("class_name") != "InputLayer" and layer["config"].get("name") not in _FLOAT32_LAYERS:
+                    layer["config"]["dtype"] = "mixed_bfloat16"
+            patched = io.BytesIO()
+            with zipfile.ZipFile(patched, "w", zipfile.ZIP_STORED) as dst:
+                for info in src.infolist():
+                    data = json.dumps(config) if info.filename == "config.json" else src.read(info.filename)
+                    dst.writestr(info.filename, data)
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"model file unreadable: {path}: {exc}") from exc
-    for layer in layers:
-        if layer.get("class_name") != "InputLayer" and layer["config"].get("name") not in _FLOAT32_LAYERS:
-            layer["config"]["dtype"] = "mixed_bfloat16"
+    patched.seek(0)
     try:
-        model = keras.saving.deserialize_keras_object(config)
-        model.load_weights(path)
-    except Exception as exc:  # same as load_model: any failure here means the file does not fit
+        return _load_from_fileobj(patched)
+    except (ImportError, AttributeError, TypeError) as exc:  # a Keras without that loader: build twice
+        log.info("bf16 in one build not available (%s): loading float32, then cloning", exc)
+        return _bf16_clone(load_model(model_dir))
+    except Exception as exc:  # as in artifact.load_model: any failure means the file does not fit
         raise ArtifactError(f"model file unreadable as bf16: {path}: {exc}") from exc
-    return model
+
+
+def _load_from_fileobj(fileobj):
+    """Load a .keras archive from an open file (keras.saving.load_model takes only paths).
+
+    The loader under it does (Keras 3.x), with the weights read in memory, which is also much faster
+    than ``model.load_weights`` on a .keras zip.
+    """
+    from keras.src.saving import saving_lib
+
+    return saving_lib.load_model(fileobj, compile=False)
+
+
+def _bf16_clone(model):
+    """Rebuild a loaded float32 ``model`` under mixed_bfloat16 with the same weights (the slow way)."""
+    import keras
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer) and layer.name not in _FLOAT32_LAYERS:
+            cfg["dtype"] = "mixed_bfloat16"
+        return layer.__class__.from_config(cfg)
+
+    net = keras.models.clone_model(model, clone_function=clone)
+    net.set_weights(model.get_weights())
+    return net
 
 
 def _bf16_native(device: str) -> bool:

@@ -167,3 +167,17 @@ def test_bf16_answers_close_to_float32(model_dir: Path, predictor: Predictor, im
     diff = np.abs(p.predict(images) - predictor.predict(images))
     p.close()
     assert diff.max() < 0.05
+
+
+def test_bf16_falls_back_to_cloning_without_the_one_build_loader(model_dir: Path, monkeypatch):
+    from aisight import predictor as mod
+
+    def missing(fileobj):
+        raise TypeError("no file objects here")
+
+    monkeypatch.setattr(mod, "_load_from_fileobj", missing)
+    net = mod._load_bf16(model_dir)
+    reference = mod.load_model(model_dir)
+    assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in net.layers)
+    assert net.layers[-1].dtype_policy.name == "float32"
+    assert all(np.array_equal(a, b) for a, b in zip(net.get_weights(), reference.get_weights(), strict=True))
