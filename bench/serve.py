@@ -83,8 +83,8 @@ def phone_photo(jpeg: bytes, seed: int, size: tuple[int, int] = PHONE_SIZE) -> b
     frame.paste(src.resize((side, side), Image.Resampling.BICUBIC), ((w - side) // 2, (h - side) // 2))
     rng = np.random.default_rng(seed)
     arr = np.asarray(frame, dtype=np.int16)
-    # Sensor noise, so the JPEG is as large as a real phone photo's (several MB), not a smooth upscale.
-    arr = np.clip(arr + rng.normal(0, 6, arr.shape).astype(np.int16), 0, 255).astype(np.uint8)
+    # Sensor noise, so the JPEG is as large as a real phone photo's (3-4 MB), not a smooth upscale.
+    arr = np.clip(arr + rng.normal(0, 10, arr.shape).astype(np.int16), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -163,17 +163,18 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-def app_server(model_dir: Path, workdir: Path, workers: int, threads: int, extra: dict[str, str] | None = None,
-               tag: str = "app") -> Server:
+def app_server(model_dir: Path, workdir: Path, workers: int, threads: int, precision: str = "float32",
+               extra: dict[str, str] | None = None) -> Server:
     """The app as ``make run`` starts it: gunicorn with gunicorn.conf.py, on a free port."""
     port = free_port()
     env = _env({
         "HOST": HOST, "PORT": str(port), "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(threads),
-        "AISIGHT_MODEL_DIR": str(model_dir), "GUNICORN_LOG_LEVEL": "warning", **(extra or {}),
+        "AISIGHT_MODEL_DIR": str(model_dir), "AISIGHT_PRECISION": precision, "GUNICORN_LOG_LEVEL": "warning",
+        **(extra or {}),
     })
-    cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "--access-logfile", "-",
-           "app:create_app()"]
-    return Server(f"{tag} {workers}x{threads}", cmd, env, port, workdir / f"{tag}-{workers}x{threads}-{port}.log")
+    cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
+    name = f"app {precision} {workers}x{threads}"
+    return Server(name, cmd, env, port, workdir / f"{name.replace(' ', '-')}-{port}.log")
 
 
 def baseline_server(model_dir: Path, workdir: Path) -> Server:
@@ -271,26 +272,22 @@ def measure(server: Server, photos: str, bodies: list[bytes], concurrency: int, 
 
 
 def table(levels: list[Level]) -> str:
-    """Markdown: one row per photo kind and concurrency, app and baseline side by side."""
-    by = {(lv.server.split()[0], lv.photos, lv.concurrency): lv for lv in levels}
+    """Markdown: one row per photo kind, concurrency and server, with the speed-up over the baseline."""
+    base = {(lv.photos, lv.concurrency): lv for lv in levels if lv.server == "baseline"}
     lines = [
-        "| photos | concurrency | app req/s | app p50 ms | app p99 ms | baseline req/s | baseline p50 ms "
-        "| baseline p99 ms | speed-up | errors (app/baseline) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| photos | concurrency | server | req/s | p50 ms | p99 ms | p99/p50 | errors | req/s vs baseline |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    keys = sorted({(lv.photos, lv.concurrency) for lv in levels}, key=lambda k: (k[0] != "400px", k[1]))
-    for photos, c in keys:
-        a, b = by.get(("app", photos, c)), by.get(("baseline", photos, c))
-        speed = f"{a.rps / b.rps:.1f}x" if a and b and b.rps else "-"
+    order = sorted(levels, key=lambda lv: (lv.photos != "400px", lv.concurrency, lv.server == "baseline", lv.server))
+    for lv in order:
+        b = base.get((lv.photos, lv.concurrency))
+        speed = "1.0x" if lv.server == "baseline" else f"{lv.rps / b.rps:.1f}x" if b and b.rps else "-"
+        ratio = lv.p99_ms / lv.p50_ms if lv.p50_ms else float("nan")
         lines.append(
-            f"| {photos} | {c} | {_f(a, 'rps', 2)} | {_f(a, 'p50_ms')} | {_f(a, 'p99_ms')} | {_f(b, 'rps', 2)} "
-            f"| {_f(b, 'p50_ms')} | {_f(b, 'p99_ms')} | {speed} | {a.errors if a else '-'}/{b.errors if b else '-'} |"
+            f"| {lv.photos} | {lv.concurrency} | {lv.server} | {lv.rps:.2f} | {lv.p50_ms:.0f} | {lv.p99_ms:.0f} "
+            f"| {ratio:.1f} | {lv.errors} | {speed} |"
         )
     return "\n".join(lines)
-
-
-def _f(lv: Level | None, key: str, digits: int = 0) -> str:
-    return "-" if lv is None else f"{getattr(lv, key):.{digits}f}"
 
 
 def machine_load() -> str:
@@ -303,6 +300,13 @@ def machine_load() -> str:
 
 
 # --- Main -------------------------------------------------------------------------------------------
+
+
+def default_precisions() -> list[str]:
+    """float32, and bf16 too where this machine computes it natively."""
+    from aisight.predictor import _bf16_native
+
+    return ["float32", "bf16"] if _bf16_native("cpu") else ["float32"]
 
 
 def parse_grid(text: str) -> list[tuple[int, int]]:
@@ -323,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="400,12mp", help="photo kinds: 400 (real 400x400) and/or 12mp")
     ap.add_argument("--workers", type=int, default=1, help="app: gunicorn workers")
     ap.add_argument("--threads", type=int, default=8, help="app: threads per worker")
+    ap.add_argument("--precisions", default=",".join(default_precisions()),
+                    help="app servers to run, one per precision (float32, bf16)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="app environment (repeat)")
     ap.add_argument("--grid", help="only the app, for each WORKERSxTHREADS in this list (e.g. 1x4,1x8,2x4)")
     ap.add_argument("--cold-start", type=int, metavar="N", help="only cold starts: N per server")
@@ -352,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         photo_sets["12mp"] = [multipart(b) for b in phones]
 
     configs = parse_grid(args.grid) if args.grid else [(args.workers, args.threads)]
-    servers = [app_server(model_dir, workdir, w, t, extra) for w, t in configs]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    servers = [app_server(model_dir, workdir, w, t, prec, extra) for w, t in configs for prec in precisions]
     if not args.grid and not args.no_baseline:
         servers.append(baseline_server(model_dir, workdir))
     results: dict = {"model_dir": str(model_dir), "photos": source, "load_before": machine_load(), "levels": []}
@@ -389,17 +396,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def grid_table(levels: list[Level]) -> str:
-    lines = ["| workers x threads | photos | concurrency | req/s | p50 ms | p99 ms | errors |",
+    lines = ["| server | photos | concurrency | req/s | p50 ms | p99 ms | errors |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for lv in levels:
-        lines.append(f"| {lv.server.split()[-1]} | {lv.photos} | {lv.concurrency} | {lv.rps:.2f} | {lv.p50_ms:.0f} "
+    for lv in sorted(levels, key=lambda lv: (lv.photos, lv.concurrency, lv.server)):
+        lines.append(f"| {lv.server} | {lv.photos} | {lv.concurrency} | {lv.rps:.2f} | {lv.p50_ms:.0f} "
                      f"| {lv.p99_ms:.0f} | {lv.errors} |")
     return "\n".join(lines)
 
 
 def cold_starts(model_dir: Path, workdir: Path, args, extra: dict[str, str]) -> int:
     """Start and stop each server N times; print the median and every time (one server at a time)."""
-    variants = {"app": lambda: app_server(model_dir, workdir, args.workers, args.threads, extra)}
+    variants = {
+        f"app {prec}": (lambda prec=prec: app_server(model_dir, workdir, args.workers, args.threads, prec, extra))
+        for prec in (p.strip() for p in args.precisions.split(","))
+    }
     if not args.no_baseline:
         variants["baseline"] = lambda: baseline_server(model_dir, workdir)
     out = {}
