@@ -117,22 +117,49 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return (rgb * 255.0 + 0.5).astype(np.uint8)
 
 
+def _layer(heatmap: np.ndarray, size: tuple[int, int], alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (RGB uint8 colours, float32 opacity in [0, alpha]) of the heatmap upsampled to ``size``.
+
+    Cold regions are more transparent than hot ones (opacity runs from 30% to 100% of ``alpha``
+    with the heat) so the retina stays readable under the colour.
+    """
+    levels = (upsample(heatmap, size) * 255.0 + 0.5).astype(np.uint8)
+    return _LUT[levels], (alpha * (0.3 + 0.7 * levels.astype(np.float32) / 255.0))[..., None]
+
+
+_LUT = colormap(np.linspace(0.0, 1.0, 256))  # 256 heat levels -> RGB, so colouring is one lookup
+
+
 def overlay_png(photo: Image.Image, heatmap: np.ndarray, alpha: float = 0.45, max_side: int = 768) -> bytes:
     """Blend the coloured heatmap over ``photo`` (downscaled to ``max_side``) and return PNG bytes.
 
     The model's input is the whole photo resized to 128x128 without keeping its aspect ratio, so the
-    heatmap is stretched back over the whole photo. Cold regions are blended more lightly than hot
-    ones (alpha scales from 30% to 100% of ``alpha`` with the heat) so the retina stays readable.
+    heatmap is stretched back over the whole photo.
     """
     img = photo.convert("RGB") if photo.mode != "RGB" else photo.copy()
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    heat = upsample(heatmap, img.size)
-    weight = (alpha * (0.3 + 0.7 * heat))[..., None]
-    base = np.asarray(img, np.float32)
-    out = base * (1.0 - weight) + colormap(heat).astype(np.float32) * weight
+    colours, weight = _layer(heatmap, img.size, alpha)
+    out = np.asarray(img, np.float32) * (1.0 - weight) + colours * weight
+    return _png(Image.fromarray((out + 0.5).astype(np.uint8)))
+
+
+def heatmap_png(heatmap: np.ndarray, size: tuple[int, int] | None = None, alpha: float = 0.45) -> bytes:
+    """Return the coloured heatmap alone as an RGBA PNG, to lay over the displayed photo.
+
+    By default at the heatmap's own resolution (16x16 for TinyNet: well under 1 kB): stretched by the
+    browser over the photo's box (CSS width/height 100%, smooth scaling), it looks like
+    ``overlay_png`` without sending the photo twice. ``size`` (width, height) upsamples it here instead.
+    """
+    size = size or (heatmap.shape[1], heatmap.shape[0])
+    colours, weight = _layer(heatmap, size, alpha)
+    rgba = np.concatenate([colours, (weight * 255.0 + 0.5).astype(np.uint8)], axis=-1)
+    return _png(Image.fromarray(rgba))
+
+
+def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
-    # Low compression: the PNG is made per request and sent once; speed matters more than bytes.
-    Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+    # Lowest compression: the PNG is made per request and sent once; speed matters more than bytes.
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

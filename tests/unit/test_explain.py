@@ -147,6 +147,19 @@ def test_overlay_of_an_empty_heatmap_is_a_valid_png():
     assert out.size == (150, 100)
 
 
+def test_heatmap_layer_png_is_small_and_transparent_where_cold():
+    heat = np.zeros((16, 16), np.float32)
+    heat[8, 8] = 1.0
+    png = explain.heatmap_png(heat)
+    out = Image.open(io.BytesIO(png))
+    assert out.format == "PNG" and out.mode == "RGBA" and out.size == (16, 16)
+    assert len(png) < 2048
+    a = np.asarray(out)
+    assert a[8, 8, 3] == round(0.45 * 255) and a[0, 0, 3] == round(0.45 * 0.3 * 255)
+    assert a[8, 8, 0] > a[8, 8, 2] and a[0, 0, 2] > a[0, 0, 0]  # hot red, cold blue
+    assert Image.open(io.BytesIO(explain.heatmap_png(heat, (100, 60)))).size == (100, 60)
+
+
 def test_colormap_runs_blue_to_red():
     c = explain.colormap(np.array([0.0, 0.5, 1.0]))
     assert c.dtype == np.uint8 and c.shape == (3, 3)
