@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,19 +24,21 @@ from aisight.preprocess import to_rgb
 SHAPE_SIDE = 128  # field-of-view shape, colour and exposure: coarse structure only
 FOCUS_SIDE = 256  # sharpness needs finer detail; never upsampled (a 160 px upload is measured at 160)
 
-# --- Thresholds (see docs/gate.md for the measured distributions behind each) --------------------
-MIN_SIDE = 128  # px, the original upload's shorter side; the model's input is 128x128
-MIN_FIELD_DIAMETER = 96  # px across in the original upload: smaller is a thumbnail (3/4 of the model input)
-DARK_LEVEL = 8.0  # max-channel level (0-255) that separates the black surround from the field
-DARK_P99 = 45.0  # too dark: the brightest 1% of the image stays below this (real min 37, p0.5 72)
-FIT_IOU_MIN = 0.85  # field vs the circle fitted to its edge (real p1 0.89)
-RADIUS_RANGE = (0.35, 0.85)  # circle radius / shorter image side
-CENTRE_OFFSET_MAX = 0.2  # circle centre's distance from the image centre / shorter side
-SURROUND_MAX = 0.45  # mean level outside the fitted ellipse / mean level inside
-ASPECT_MIN = 0.6  # shorter / longer axis for an ellipse fit (some collections stretch photos to a square)
-RED_BLUE_MIN = 1.05  # mean red / mean blue inside the field (grey images give 1.0)
-CLIPPED_MAX = 0.15  # too bright: share of field pixels with two or more channels clipped (>= 250)
-FOCUS_MIN = 0.22  # blurred: fine-detail / coarse-detail energy inside the field
+# --- Thresholds ----------------------------------------------------------------------------------
+# Numbers in brackets: measured by bench/gate_thresholds.py on the 2312 real photos of fundus-eye4
+# ("real", percentiles p0 = min) and on ungradable copies of every 8th of them; docs/gate.md has more.
+MIN_SIDE = 128  # px, the upload's shorter side: the model's input is 128x128 [real min 264]
+MIN_FIELD_DIAMETER = 96  # px across the field in the upload (3/4 of the model input) [real min 250]
+DARK_LEVEL = 8.0  # max-channel level that separates the black surround from the field [real corners p99 3]
+DARK_P99 = 45.0  # too dark: the brightest 1% of the image stays below [real min 38, p0.5 73; x0.15 copies max 38]
+FIT_IOU_MIN = 0.85  # field vs the fitted circle/ellipse, intersection over union [real p0.5 0.86, p1 0.94]
+RADIUS_RANGE = (0.35, 0.85)  # fitted radius / shorter image side [real 0.40 to 0.83]
+CENTRE_OFFSET_MAX = 0.2  # fitted centre's distance from the image centre / shorter side [real p99 0.07]
+SURROUND_MAX = 0.45  # mean level outside the fit / mean level inside [real p99 0.26; photos 0.6 to 1.3]
+ASPECT_MIN = 0.6  # shorter / longer axis for an ellipse fit (photos stretched to a square) [real min 0.60]
+RED_BLUE_MIN = 1.05  # mean red / mean blue in the field [real p0.5 1.11; grey images 1.00]
+CLIPPED_MAX = 0.15  # too bright: share of the field with 2+ channels >= 250 [real p99 0.04; over-exposed min 0.21]
+FOCUS_MIN = 0.22  # blurred: fine / coarse detail energy in the field [real p0.5 0.28; blurred copies max 0.19]
 
 # Quantisation of 8-bit channels leaves this much (luminance std) in the finest band of any image,
 # however blurred; subtracting it keeps nearly flat images from looking sharp.
@@ -54,7 +56,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Retake it with the flash on and the pupil well dilated, then upload the full retina image.",
     ),
     "too_bright": (
-        "The photo is over-exposed: much of the retina is washed out to white.",
+        "The photo is over-exposed: much of the retina is washed out, too bright to show any detail.",
         "Retake it with less flash, and upload the original image rather than an edited copy.",
     ),
     "blurred": (
@@ -64,7 +66,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "in-person examination.",
     ),
     "too_small": (
-        "The image is too small to grade: the retina must be at least {min_side} pixels across.",
+        "The image is too small to grade: it needs at least {min_side} pixels on each side, with the round "
+        "retina image filling most of it.",
         "Upload the original photo from the fundus camera, not a thumbnail or a preview.",
     ),
     "ok": ("The photo looks like a gradable colour fundus photograph.", ""),
@@ -113,32 +116,36 @@ def decide(m: dict[str, float]) -> GateVerdict:
     return verdict(code, m)
 
 
+# The checks in the order they run: (name, refusal code, fails?). A check runs only when its measure
+# exists; "field" fails when no field of view was found, and then no later shape/colour check can run.
+CHECKS: tuple[tuple[str, str, Callable[[dict[str, float]], bool]], ...] = (
+    ("min_side", "too_small", lambda m: m["min_side"] < MIN_SIDE),
+    # Nothing bright anywhere: an under-exposed photo (or a black frame), whatever it shows.
+    ("p99", "too_dark", lambda m: m["p99"] < DARK_P99),
+    ("field", "not_fundus", lambda m: "red_blue" not in m),
+    # Shape: a round (or evenly stretched) field on a dark surround.
+    ("fit_iou", "not_fundus", lambda m: m["fit_iou"] < FIT_IOU_MIN),
+    ("radius", "not_fundus", lambda m: not RADIUS_RANGE[0] <= m["radius"] <= RADIUS_RANGE[1]),
+    ("centre_offset", "not_fundus", lambda m: m["centre_offset"] > CENTRE_OFFSET_MAX),
+    ("surround", "not_fundus", lambda m: m["surround"] > SURROUND_MAX),
+    ("field_diameter", "too_small", lambda m: m["field_diameter"] < MIN_FIELD_DIAMETER),
+    # Washed out before colour: a blown-out field loses its colour, but it is still a fundus photo.
+    ("clipped", "too_bright", lambda m: m["clipped"] > CLIPPED_MAX),
+    ("red_blue", "not_fundus", lambda m: m["red_blue"] < RED_BLUE_MIN),
+    ("focus", "blurred", lambda m: m["focus"] < FOCUS_MIN),
+)
+
+
+def failed_checks(m: dict[str, float]) -> list[str]:
+    """Names of every check that measures ``m`` fail (the first one decides the refusal)."""
+    return [name for name, _, fails in CHECKS if (name == "field" or name in m) and fails(m)]
+
+
 def refusal(m: dict[str, float]) -> str | None:
     """Return the refusal code for measures ``m``, or None when every check passes."""
-    if m["min_side"] < MIN_SIDE:
-        return "too_small"
-    # Nothing bright anywhere: an under-exposed photo (or a black frame) whatever it shows.
-    if m["p99"] < DARK_P99:
-        return "too_dark"
-    # Shape: a round field on a dark surround. A missing measure means no field edge was found.
-    if "fit_iou" not in m or "red_blue" not in m:
-        return "not_fundus"
-    if (
-        m["fit_iou"] < FIT_IOU_MIN
-        or not RADIUS_RANGE[0] <= m["radius"] <= RADIUS_RANGE[1]
-        or m["centre_offset"] > CENTRE_OFFSET_MAX
-        or m["surround"] > SURROUND_MAX
-    ):
-        return "not_fundus"
-    if m["field_diameter"] < MIN_FIELD_DIAMETER:
-        return "too_small"
-    # Washed out before colour: a white field loses its colour, but it is still a fundus photo.
-    if m["clipped"] > CLIPPED_MAX:
-        return "too_bright"
-    if m["red_blue"] < RED_BLUE_MIN:
-        return "not_fundus"
-    if m.get("focus", 0.0) < FOCUS_MIN:
-        return "blurred"
+    for name, code, fails in CHECKS:
+        if (name == "field" or name in m) and fails(m):
+            return code
     return None
 
 
@@ -202,8 +209,8 @@ def _measure(img: Image.Image, original_size: tuple[int, int] | None) -> dict[st
     m["clipped"] = float(np.mean(np.count_nonzero(rgb >= 250, axis=1) >= 2))
     k = small.width / w
     focus = _focus(np.asarray(small, dtype=np.float32), (cx * k, cy * k, rx * k, ry * k))
-    if focus is not None:
-        m["focus"] = focus
+    # No room inside the rim to measure sharpness (a sliver of a field) counts as not sharp.
+    m["focus"] = 0.0 if focus is None else focus
     return m
 
 

@@ -214,7 +214,7 @@ def run(
     data: Path | None, every: int = 1, out: Callable[[str], None] = print, dump: Path | None = None
 ) -> dict[str, float]:
     """Run every set, print distributions and rates, and return the headline numbers."""
-    from aisight.gate import check_fundus
+    from aisight.gate import check_fundus, failed_checks
 
     keys = ("p99", "fit_iou", "radius", "aspect", "centre_offset", "surround", "field_diameter", "red_blue")
     keys += ("brightness", "clipped")
@@ -259,7 +259,7 @@ def run(
             by = Counter(r[col] for r, _ in refused)
             out(f"  by {col}: " + ", ".join(f"{k} {by[k]}/{totals[k]}" for k in sorted(totals)))
         for row, v in refused:
-            out(f"  refused {row['path']}: {v.code}")
+            out(f"  refused {row['path']}: {v.code} (fails: {', '.join(failed_checks(v.measures))})")
         out("== ungradable copies of real photos (every 8th photo)")
         for kind, codes in degraded.items():
             total = sum(codes.values())
@@ -280,9 +280,7 @@ def run(
     accepted = []
     for name, img in negs.items():
         v = check(img)
-        m = v.measures
-        brief = " ".join(f"{k}={m[k]:.2f}" for k in ("fit_iou", "surround", "red_blue", "focus") if k in m)
-        out(f"  {name:32s} {v.code:10s} {brief}")
+        out(f"  {name:32s} {v.code:10s} fails: {', '.join(failed_checks(v.measures))}")
         if v.ok:
             accepted.append(name)
     results["false_accepts"] = len(accepted)
