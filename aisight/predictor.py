@@ -10,8 +10,10 @@ hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs). See docs/performa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,7 +92,8 @@ class Predictor:
         start = time.perf_counter()
         try:
             card = read_card(self.model_dir)
-            self.device = _device_name()
+            with _without_pyplot():  # the first TensorFlow/Keras import in a serving process
+                self.device = _device_name()
             if self.precision == "bf16" and not _bf16_native(self.device):
                 log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
                 self.precision = "float32"
@@ -171,6 +174,25 @@ class Predictor:
         with self._lock:
             probs = self._infer(batch)
         return np.asarray(probs, dtype=np.float64)[:n, 1]
+
+
+@contextlib.contextmanager
+def _without_pyplot():
+    """Import TensorFlow/Keras without matplotlib.pyplot, about 20% of their import time.
+
+    Keras imports pyplot at start only for a plotting helper (keras.visualization) that serving never
+    uses, and falls back to ``plt = None`` when the import fails. Blocked only while Keras first
+    imports, and only if nothing loaded pyplot before: later imports of pyplot work as usual.
+    """
+    if "matplotlib.pyplot" in sys.modules or "keras" in sys.modules:
+        yield
+        return
+    sys.modules["matplotlib.pyplot"] = None  # makes `import matplotlib.pyplot` raise ImportError
+    try:
+        yield
+    finally:
+        if "matplotlib.pyplot" in sys.modules and sys.modules["matplotlib.pyplot"] is None:
+            del sys.modules["matplotlib.pyplot"]
 
 
 def _env_number(name: str, default, kind):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -181,3 +184,30 @@ def test_bf16_falls_back_to_cloning_without_the_one_build_loader(model_dir: Path
     assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in net.layers)
     assert net.layers[-1].dtype_policy.name == "float32"
     assert all(np.array_equal(a, b) for a, b in zip(net.get_weights(), reference.get_weights(), strict=True))
+
+
+def test_pyplot_is_blocked_only_inside_the_first_keras_import():
+    code = (
+        "from aisight.predictor import _without_pyplot\n"
+        "with _without_pyplot():\n"
+        "    try:\n"
+        "        import matplotlib.pyplot\n"
+        "        raise SystemExit('pyplot imported inside the block')\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "import matplotlib.pyplot\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_pyplot_block_is_a_no_op_once_keras_is_loaded():
+    import keras  # noqa: F401
+
+    from aisight.predictor import _without_pyplot
+
+    before = sys.modules.get("matplotlib.pyplot")
+    with _without_pyplot():
+        assert sys.modules.get("matplotlib.pyplot") is before
