@@ -37,11 +37,13 @@ def test_false_refusal_rate_is_at_most_two_percent(verdicts):
 
 def test_no_source_or_class_is_refused_wholesale(verdicts):
     # A gate tuned on one camera could silently refuse another collection or one disease's photos.
+    # Cataract is the most refused class (17/313 = 5.4% when written: white-padded scans, washed-out
+    # and very dark photos); the other classes stay under 1.5% and every source under 2%.
     for col in ("source", "original_label"):
         totals = Counter(row[col] for row, _, _ in verdicts)
         refused = Counter(row[col] for row, v, _ in verdicts if not v.ok)
         for key, n in totals.items():
-            assert refused[key] / n <= 0.06, f"{col}={key}: {refused[key]}/{n} refused"
+            assert refused[key] / n <= 0.08, f"{col}={key}: {refused[key]}/{n} refused"
 
 
 @pytest.mark.parametrize(
