@@ -94,6 +94,7 @@ class Predictor:
             card = read_card(self.model_dir)
             with _without_pyplot():  # the first TensorFlow/Keras import in a serving process
                 self.device = _device_name()
+            t_import = time.perf_counter()
             if self.precision == "bf16" and not _bf16_native(self.device):
                 log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
                 self.precision = "float32"
@@ -104,6 +105,7 @@ class Predictor:
             if tuple(model.output_shape[1:]) != (2,):
                 raise ArtifactError(f"model output shape {model.output_shape[1:]} != (2,)")
             self.card, self.model = card, model
+            t_model = time.perf_counter()
             self._infer = _compile(model)
             self._buckets = _buckets(self.max_batch)
             for size in self._buckets:
@@ -116,11 +118,14 @@ class Predictor:
             return self
         if self.max_batch > 1:
             self._batcher = MicroBatcher(self._run, max_batch=self.max_batch, max_wait=self.max_wait_ms / 1000)
-        self.load_seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        self.load_seconds = end - start
         self.state = "ready"
         log.info(
-            "model %s %s ready on %s (%s, batches up to %d, wait %.1f ms) in %.2fs", card["name"], card["version"],
-            self.device, self.precision, self.max_batch, self.max_wait_ms, self.load_seconds,
+            "model %s %s ready on %s (%s, batches up to %d, wait %.1f ms) in %.2fs: import %.2fs, model %.2fs, "
+            "trace + warm-up of batches %s %.2fs", card["name"], card["version"], self.device, self.precision,
+            self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start, t_model - t_import,
+            "/".join(map(str, self._buckets)), end - t_model,
         )
         return self
 

@@ -117,6 +117,7 @@ class Server:
     env: dict[str, str]
     port: int
     log_path: Path
+    cwd: Path = ROOT
     proc: subprocess.Popen | None = None
     cold_start_s: float | None = None
 
@@ -124,7 +125,7 @@ class Server:
         log = self.log_path.open("wb")
         t0 = time.perf_counter()
         # A new session: stop() signals the server's whole process group (gunicorn and its workers).
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = t0 + timeout
         while time.perf_counter() < deadline:
@@ -164,17 +165,18 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def app_server(model_dir: Path, workdir: Path, workers: int, threads: int, precision: str = "float32",
-               extra: dict[str, str] | None = None) -> Server:
-    """The app as ``make run`` starts it: gunicorn with gunicorn.conf.py, on a free port."""
+               extra: dict[str, str] | None = None, root: Path = ROOT) -> Server:
+    """The app as ``make run`` starts it: gunicorn with gunicorn.conf.py, on a free port (from ``root``)."""
     port = free_port()
     env = _env({
+        "PYTHONPATH": str(root),
         "HOST": HOST, "PORT": str(port), "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(threads),
         "AISIGHT_MODEL_DIR": str(model_dir), "AISIGHT_PRECISION": precision, "GUNICORN_LOG_LEVEL": "warning",
         **(extra or {}),
     })
     cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
     name = f"app {precision} {workers}x{threads}"
-    return Server(name, cmd, env, port, workdir / f"{name.replace(' ', '-')}-{port}.log")
+    return Server(name, cmd, env, port, workdir / f"{name.replace(' ', '-')}-{port}.log", cwd=root)
 
 
 def baseline_server(model_dir: Path, workdir: Path) -> Server:
@@ -332,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="app environment (repeat)")
     ap.add_argument("--grid", help="only the app, for each WORKERSxTHREADS in this list (e.g. 1x4,1x8,2x4)")
     ap.add_argument("--cold-start", type=int, metavar="N", help="only cold starts: N per server")
+    ap.add_argument("--before", metavar="DIR",
+                    help="with --cold-start: also start the app from this older checkout (git archive), to compare")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args(argv)
@@ -406,24 +410,26 @@ def grid_table(levels: list[Level]) -> str:
 
 def cold_starts(model_dir: Path, workdir: Path, args, extra: dict[str, str]) -> int:
     """Start and stop each server N times; print the median and every time (one server at a time)."""
-    variants = {
-        f"app {prec}": (lambda prec=prec: app_server(model_dir, workdir, args.workers, args.threads, prec, extra))
-        for prec in (p.strip() for p in args.precisions.split(","))
-    }
+    variants = {}
+    if args.before:
+        variants["app before (float32)"] = lambda: app_server(model_dir, workdir, args.workers, args.threads, "float32",
+                                                              extra, root=Path(args.before).resolve())
+    for prec in (p.strip() for p in args.precisions.split(",")):
+        variants[f"app {prec}"] = lambda prec=prec: app_server(model_dir, workdir, args.workers, args.threads, prec,
+                                                              extra)
     if not args.no_baseline:
         variants["baseline"] = lambda: baseline_server(model_dir, workdir)
-    out = {}
-    for name, make in variants.items():
-        times = []
-        for _ in range(args.cold_start):
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.cold_start):  # rounds, so a change in the machine's load hits every variant alike
+        for name, make in variants.items():
             s = make()
             try:
                 s.start()
-                times.append(s.cold_start_s)
+                out[name].append(s.cold_start_s)
             finally:
                 s.stop()
-            print(f"  {name}: {times[-1]:.1f}s", file=sys.stderr, flush=True)
-        out[name] = times
+            print(f"  {name}: {out[name][-1]:.1f}s", file=sys.stderr, flush=True)
+    for name, times in out.items():
         print(f"{name}: cold start median {statistics.median(times):.1f}s ({', '.join(f'{t:.1f}' for t in times)})")
     if args.json:
         Path(args.json).write_text(json.dumps({"cold_start_s": out, "env": extra, "load": machine_load()}, indent=2))
