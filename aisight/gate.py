@@ -171,7 +171,7 @@ def _measure(img: Image.Image, original_size: tuple[int, int] | None) -> dict[st
     v = _channel_max(a)
     box = _trim_box(v)
     if box is None:
-        m["p99"] = float(np.percentile(v, 99))
+        m["p99"] = _p99(v)
         return m
     h0, w0 = a.shape[:2]
     if box != (0, 0, w0, h0):
@@ -181,7 +181,7 @@ def _measure(img: Image.Image, original_size: tuple[int, int] | None) -> dict[st
         v = _channel_max(a)
         m["trimmed"] = 1.0
     h, w = v.shape
-    m["p99"] = float(np.percentile(v, 99))
+    m["p99"] = _p99(v)
     raw = v > DARK_LEVEL
     # Opening drops thin bright marks outside the field (date stamps, notches) before filling rows.
     filled = _fill(_open(raw, 2))
@@ -222,6 +222,13 @@ def _shrink(img: Image.Image, side: int) -> Image.Image:
     return img if size == img.size else img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
+def _p99(v: np.ndarray) -> float:
+    """99th percentile (lower value), by partial sort: much cheaper than np.percentile here."""
+    flat = v.ravel()
+    k = int(0.99 * (flat.size - 1))
+    return float(np.partition(flat, k)[k])
+
+
 def _channel_max(a: np.ndarray) -> np.ndarray:
     """Per-pixel max over R, G, B (much faster than ``a.max(axis=2)`` on a 3-long axis)."""
     return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
@@ -259,8 +266,12 @@ def _fill(mask: np.ndarray) -> np.ndarray:
 
 def _erode(mask: np.ndarray) -> np.ndarray:
     """4-neighbour erosion that treats the frame as inside (a field cut by the frame has no edge there)."""
-    p = np.pad(mask, 1, mode="edge")
-    return p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    out = mask.copy()
+    out[1:] &= mask[:-1]
+    out[:-1] &= mask[1:]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    return out
 
 
 def _best_fit(filled: np.ndarray) -> tuple[tuple[float, float, float, float], float, np.ndarray] | None:
@@ -337,13 +348,19 @@ def _fit_ellipse(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, flo
 
 def _gauss(a: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of a 2-D float array, truncated at 2.5 sigma (edges replicated)."""
-    radius = max(1, int(math.ceil(2.5 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k = (k / k.sum()).astype(np.float32)
-    p = np.pad(a, ((0, 0), (radius, radius)), mode="edge")
-    out = sum(k[i] * p[:, i : i + a.shape[1]] for i in range(len(k)))
-    p = np.pad(out, ((radius, radius), (0, 0)), mode="edge")
-    return sum(k[i] * p[i : i + a.shape[0], :] for i in range(len(k)))
+    h, w = a.shape
+    p = np.concatenate([np.repeat(a[:, :1], r, axis=1), a, np.repeat(a[:, -1:], r, axis=1)], axis=1)
+    out = k[0] * p[:, :w]
+    for i in range(1, len(k)):
+        out += k[i] * p[:, i : i + w]
+    p = np.concatenate([np.repeat(out[:1], r, axis=0), out, np.repeat(out[-1:], r, axis=0)], axis=0)
+    res = k[0] * p[:h]
+    for i in range(1, len(k)):
+        res += k[i] * p[i : i + h]
+    return res
 
 
 def _half(a: np.ndarray) -> np.ndarray:
