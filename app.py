@@ -1,6 +1,7 @@
 """AI-Sight web app: ``create_app()`` is what gunicorn serves (``make run``, see gunicorn.conf.py).
 
-Configuration comes from the environment (AISIGHT_MODEL_DIR, AISIGHT_MAX_UPLOAD_MB, AISIGHT_GATE);
+Configuration comes from the environment (AISIGHT_MODEL_DIR, AISIGHT_MAX_UPLOAD_MB, AISIGHT_GATE=off to switch
+the fundus-photo gate off);
 ``create_app(config)`` takes overrides, which is how the tests point it at other models.
 """
 
@@ -9,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from flask import Flask
 
-from aisight import web
+from aisight import explain, web
 from aisight.artifact import DEFAULT_MODEL_DIR
+from aisight.gate import gate_enabled
 from aisight.metrics import Metrics
 from aisight.predictor import Predictor
 
@@ -32,8 +35,8 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "MODEL_DIR": env.get("AISIGHT_MODEL_DIR") or str(DEFAULT_MODEL_DIR),
         "MAX_UPLOAD_MB": float(env.get("AISIGHT_MAX_UPLOAD_MB") or 20),
-        # The fundus-photo gate (aisight.gate) is not wired in yet; the setting is read so it is in one place.
-        "GATE": (env.get("AISIGHT_GATE") or "on").strip().lower() not in ("off", "0", "false", "no"),
+        # The fundus-photo gate (aisight.gate): on unless AISIGHT_GATE=off (0, false, no).
+        "GATE": gate_enabled(env),
         # background: load in a thread so /healthz answers at once; sync: load before returning (tests);
         # none: never load (tests that drive readiness themselves, with PREDICTOR).
         "MODEL_LOAD": "background",
@@ -62,20 +65,24 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     mode = app.config["MODEL_LOAD"]
     if mode == "sync":
-        _load(predictor, metrics)
+        _load(app, predictor, metrics)
     elif mode == "background":
         # TensorFlow's import and the model load take seconds: /healthz must answer meanwhile.
-        threading.Thread(target=_load, args=(predictor, metrics), name="aisight-model-load", daemon=True).start()
+        threading.Thread(
+            target=_load, args=(app, predictor, metrics), name="aisight-model-load", daemon=True
+        ).start()
     elif predictor.ready:
         _record_ready(predictor, metrics)
+        _start_explain_prepare(app, predictor)
     return app
 
 
-def _load(predictor: Predictor, metrics: Metrics) -> None:
+def _load(app: Flask, predictor: Predictor, metrics: Metrics) -> None:
     log.info("loading model from %s", predictor.model_dir)
     predictor.load()  # never raises: a failure leaves state "failed" and logs why
     if predictor.ready:
         _record_ready(predictor, metrics)
+        _start_explain_prepare(app, predictor)
     else:
         log.error("model not loaded, /readyz stays 503: %s", predictor.error)
 
@@ -84,6 +91,32 @@ def _record_ready(predictor: Predictor, metrics: Metrics) -> None:
     if predictor.load_seconds is not None:
         metrics.model_load.set(predictor.load_seconds)
     metrics.model_ready.set(1)
+
+
+def _start_explain_prepare(app: Flask, predictor: Predictor) -> None:
+    """Build and trace Grad-CAM in the background once the model is ready (readiness does not wait).
+
+    Otherwise the first result page would pay for the build (0.4 s for TinyNet, seconds for Xception).
+    The thread is kept in ``app.extensions["aisight"]["explain_prepare"]`` so tests can wait for it.
+    """
+    thread = threading.Thread(
+        target=_prepare_explain, args=(predictor,), name="aisight-explain-prepare", daemon=True
+    )
+    app.extensions["aisight"]["explain_prepare"] = thread
+    thread.start()
+
+
+def _prepare_explain(predictor: Predictor) -> None:
+    model = getattr(predictor, "model", None)
+    if model is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        layer = explain.prepare(model, (predictor.card or {}).get("gradcam_layer"))
+    except Exception as exc:  # the result is still served without a heatmap; each request logs its failure
+        log.warning("Grad-CAM could not be prepared: %s", exc)
+        return
+    log.info("Grad-CAM ready on layer %s in %.2fs", layer, time.perf_counter() - t0)
 
 
 def _configure_logging() -> None:

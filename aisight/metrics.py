@@ -21,6 +21,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # Methods outside this set are counted as "other": label values stay bounded whatever clients send.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "<unmatched>"
+# aisight.gate's refusal codes (listed here so importing metrics stays free of numpy and Pillow).
+GATE_CODES = ("not_fundus", "too_dark", "too_bright", "blurred", "too_small")
 
 # The *_created series double what is exposed for no use here (Prometheus derives resets itself).
 disable_created_metrics()
@@ -50,9 +52,20 @@ class Metrics:
         self.predictions = Counter("aisight_predictions", "Predictions made, by predicted label", ["label"], registry=r)
         self.stage = Histogram(
             "aisight_stage_duration_seconds",
-            "Time spent in one stage of a prediction (decode: bytes to model input; predict: the model)",
+            "Time spent in one stage of a prediction (decode: bytes to model input; gate: the fundus-photo "
+            "check; predict: the model; explain: the Grad-CAM heatmap, only when one is asked for)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gate_refusals = Counter(
+            "aisight_gate_refusals", "Uploads refused by the fundus-photo gate (HTTP 422), by reason", ["code"],
+            registry=r,
+        )
+        for code in GATE_CODES:  # every reason is exported from the start, at 0: rates need a series to exist
+            self.gate_refusals.labels(code)
+        self.explain_failures = Counter(
+            "aisight_explain_failures", "Heatmaps that could not be made (the result was served without one)",
             registry=r,
         )
         # "max" across workers in multiprocess mode: the slowest worker's load is what a rollout waits for.

@@ -6,16 +6,19 @@ import base64
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flask import Blueprint, Flask, Request, Response, current_app, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
+from aisight import explain
 from aisight.artifact import card_summary
+from aisight.gate import check_fundus
 from aisight.predictor import ModelNotReady, Predictor
-from aisight.preprocess import ImageError, open_image, preprocess_bytes
+from aisight.preprocess import SUPPORTED_FORMATS, ImageError, open_image, resize
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
@@ -28,6 +31,11 @@ NEAR_THRESHOLD = 0.1
 NOTICE = (
     "AI-Sight is a screening aid, not a diagnosis. Only an eye-care professional can diagnose eye disease."
 )
+# The class each label's heatmap explains (the model's outputs are [healthy, diseased]).
+CLASS_INDEX = {"healthy": 0, "diseased": 1}
+# Query values that ask the API for an explanation (?explain=1).
+TRUE_VALUES = ("1", "true", "yes", "on")
+EXPLAIN_FAILED = "The heatmap could not be made for this photo. The result itself is not affected."
 NEXT_STEPS = {
     "diseased": (
         "Book an appointment with an eye doctor (ophthalmologist or optometrist) soon and show them this photo "
@@ -63,6 +71,7 @@ SECURITY_HEADERS = {
 }
 HTTP_CODES = {
     400: "bad_request",
+    422: "unprocessable_content",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -73,11 +82,24 @@ HTTP_CODES = {
 
 
 class ApiError(Exception):
-    """A request the app refuses: an HTTP status, a stable machine code and a message for people."""
+    """A request the app refuses: an HTTP status, a stable machine code and a message for people.
 
-    def __init__(self, code: str, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
+    A gate refusal (422) also carries a ``hint`` (what to do instead) and the gate's ``measures``.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int = 400,
+        headers: dict[str, str] | None = None,
+        *,
+        hint: str | None = None,
+        measures: dict[str, float] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code, self.message, self.status, self.headers = code, message, status, headers or {}
+        self.hint, self.measures = hint, measures
 
 
 class MemoryRequest(Request):
@@ -94,7 +116,7 @@ class MemoryRequest(Request):
 
 @dataclass(frozen=True)
 class Screening:
-    """One answered prediction."""
+    """One answered prediction, with what an explanation needs (kept in memory for this request only)."""
 
     label: str
     probability: float
@@ -102,6 +124,8 @@ class Screening:
     card: dict[str, Any]
     decode_seconds: float
     predict_seconds: float
+    photo: Image.Image = field(repr=False)  # the upload as decoded for the model (upright RGB)
+    model_input: np.ndarray = field(repr=False)  # the 128x128x3 array the model classified
 
     @property
     def uncertain(self) -> bool:
@@ -140,21 +164,79 @@ def require_ready() -> Predictor:
     raise ApiError("model_unavailable", "The screening model is not available, so no photo can be screened now.", 503)
 
 
+def upload_size(data: bytes) -> tuple[int, int] | None:
+    """The upload's own (width, height) from its header: ``open_image`` may have decoded it smaller."""
+    try:
+        with Image.open(io.BytesIO(data), formats=sorted(SUPPORTED_FORMATS)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - open_image already read it; without a size the gate uses the decoded one
+        return None
+
+
 def screen(data: bytes) -> Screening:
-    """Turn uploaded bytes into a screening result with the served model."""
+    """Turn uploaded bytes into a screening result with the served model, or refuse them (gate, 422)."""
     p = require_ready()
     metrics = current_app.extensions["aisight"]["metrics"]
     t0 = time.perf_counter()
-    arr = preprocess_bytes(data)
+    img = open_image(data)  # decoded once: the gate, the model input and any explanation share it
     t1 = time.perf_counter()
-    probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
+    if current_app.config["GATE"]:
+        v = check_fundus(img, upload_size(data))
+        metrics.stage.labels("gate").observe(time.perf_counter() - t1)
+        if not v.ok:
+            metrics.gate_refusals.labels(v.code).inc()
+            raise ApiError(v.code, v.message, 422, hint=v.hint, measures=v.measures)
     t2 = time.perf_counter()
+    arr = resize(img)  # = preprocess_bytes(data), what training's preprocess_path gives, without a second decode
+    t3 = time.perf_counter()
+    probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
+    t4 = time.perf_counter()
     threshold = p.threshold
     label = "diseased" if probability >= threshold else "healthy"
-    metrics.stage.labels("decode").observe(t1 - t0)
-    metrics.stage.labels("predict").observe(t2 - t1)
+    decode = (t1 - t0) + (t3 - t2)
+    metrics.stage.labels("decode").observe(decode)
+    metrics.stage.labels("predict").observe(t4 - t3)
     metrics.predictions.labels(label).inc()
-    return Screening(label, probability, threshold, p.card or {}, t1 - t0, t2 - t1)
+    return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr)
+
+
+def heatmap(s: Screening) -> np.ndarray | None:
+    """Grad-CAM of the answered class for ``s``, or None when it fails (logged: never fails the request)."""
+    p = predictor()
+    metrics = current_app.extensions["aisight"]["metrics"]
+    t0 = time.perf_counter()
+    try:
+        heat = explain.gradcam(p.model, s.model_input, s.card.get("gradcam_layer"), class_index=CLASS_INDEX[s.label])
+    except Exception:  # noqa: BLE001 - the result stands without its heatmap
+        log.warning("Grad-CAM failed on %s; answering without a heatmap", request.path, exc_info=True)
+        metrics.explain_failures.inc()
+        return None
+    metrics.stage.labels("explain").observe(time.perf_counter() - t0)
+    return heat
+
+
+def api_explanation(s: Screening) -> dict[str, Any] | None:
+    """The ``explanation`` member of the API answer: the heatmap blended over the photo, as a base64 PNG."""
+    heat = heatmap(s)
+    if heat is None:
+        return None
+    try:
+        png = explain.overlay_png(s.photo, heat)
+        layer = explain.target_layer(predictor().model, s.card.get("gradcam_layer"))
+    except Exception:  # noqa: BLE001 - as in heatmap(): the result stands
+        log.warning("Grad-CAM overlay failed on %s; answering without it", request.path, exc_info=True)
+        current_app.extensions["aisight"]["metrics"].explain_failures.inc()
+        return None
+    with Image.open(io.BytesIO(png)) as im:  # the header only: the size the overlay came out at
+        width, height = im.size
+    return {
+        "png_base64": base64.b64encode(png).decode("ascii"),
+        "media_type": "image/png",
+        "width": width,
+        "height": height,
+        "layer": layer,
+        "class": s.label,
+    }
 
 
 def api_answer(s: Screening) -> dict[str, Any]:
@@ -224,6 +306,24 @@ def index() -> str:
     return render_template("index.html", error=None, **_page_context())
 
 
+def page_heatmap(s: Screening) -> dict[str, Any] | None:
+    """The result page's heatmap layer: a tiny RGBA PNG (data: URL) the browser stretches over the photo."""
+    heat = heatmap(s)
+    if heat is None:
+        return None
+    try:
+        png = explain.heatmap_png(heat)
+    except Exception:  # noqa: BLE001 - as in heatmap(): the result stands
+        log.warning("heatmap PNG failed; showing the result without it", exc_info=True)
+        current_app.extensions["aisight"]["metrics"].explain_failures.inc()
+        return None
+    return {
+        "url": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+        # An all-zero map: no region raised the answered class's score more than another.
+        "flat": not bool(np.any(heat > 0)),
+    }
+
+
 @bp.post("/")
 def submit() -> str:
     """The upload form's target: the result page (works without JavaScript)."""
@@ -236,6 +336,7 @@ def submit() -> str:
         photo=photo,
         photo_width=width,
         photo_height=height,
+        heatmap=page_heatmap(s),
         summary=card_summary(s.card),
         metrics=card_metrics(s.card),
         notice=NOTICE,
@@ -246,9 +347,15 @@ def submit() -> str:
 
 @bp.post("/api/v1/predict")
 def api_predict() -> Response:
-    """JSON API: multipart field ``image`` in, label and P(diseased) out."""
+    """JSON API: multipart field ``image`` in, label and P(diseased) out; ``?explain=1`` adds the heatmap."""
     s = screen(read_upload())
-    return jsonify(api_answer(s))
+    body = api_answer(s)
+    # Only when asked: a plain request computes nothing beyond the prediction.
+    if request.args.get("explain", "").strip().lower() in TRUE_VALUES:
+        body["explanation"] = api_explanation(s)
+        if body["explanation"] is None:
+            body["explanation_error"] = EXPLAIN_FAILED
+    return jsonify(body)
 
 
 @bp.get("/healthz")
@@ -284,13 +391,27 @@ def wants_json() -> bool:
     return request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json"
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    """Answer an error as ``{"error": {"code", "message"}}`` or as a page, with ``status``."""
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    hint: str | None = None,
+    measures: dict[str, float] | None = None,
+) -> Response:
+    """Answer an error as ``{"error": {"code", "message"[, "hint", "measures"]}}`` or as a page, with ``status``."""
     if wants_json():
-        resp = jsonify(error={"code": code, "message": message})
+        error: dict[str, Any] = {"code": code, "message": message}
+        if hint:
+            error["hint"] = hint
+        if measures is not None:
+            error["measures"] = measures
+        resp = jsonify(error=error)
     elif request.path == "/" and request.method == "POST":
         # The form's own page again, with the message next to the form: the user can retry at once.
-        resp = Response(render_template("index.html", error={"code": code, "message": message}, **_page_context()))
+        error = {"code": code, "message": message, "hint": hint, "refused": status == 422}
+        resp = Response(render_template("index.html", error=error, **_page_context()))
     else:
         resp = Response(render_template("error.html", status=status, code=code, message=message))
     resp.status_code = status
@@ -300,7 +421,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 def _api_error(exc: ApiError) -> Response:
     log.info("refused %s %s: %s %s", request.method, request.path, exc.status, exc.code)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers, hint=exc.hint, measures=exc.measures)
 
 
 def _image_error(exc: ImageError) -> Response:

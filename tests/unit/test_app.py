@@ -133,7 +133,9 @@ def test_form_post_shows_the_result(client, app, diseased):
 
 def test_result_photo_is_upright_and_downscaled(client):
     # A 2000x1000 photo stored sideways (EXIF orientation 6) shows upright, at most 768 px on a side.
-    upright = Image.new("RGB", (2000, 1000), (200, 30, 30))
+    # A fundus photo in a wide black frame, as many cameras save them, so the gate lets it through.
+    upright = Image.new("RGB", (2000, 1000))
+    upright.paste(Image.open(io.BytesIO(fundus_jpeg(seed=12, size=1000))), (500, 0))
     exif = Image.Exif()
     exif[0x0112] = 6
     data = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
