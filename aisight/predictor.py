@@ -5,7 +5,13 @@ model call answers every image that arrives within a few milliseconds of the fir
 times the throughput of one call per image on a CPU and far more on a GPU. Settings, from the
 environment unless given: AISIGHT_BATCH_MAX (largest batch, 8; 1 turns batching off),
 AISIGHT_BATCH_WAIT_MS (longest wait for company, 3 ms), AISIGHT_PRECISION (float32, or bf16 where the
-hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs). See docs/performance.md.
+hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs), AISIGHT_FREEZE (background, sync or off).
+
+The fast path is a frozen graph: the traced forward pass with the weights as constants, which lets
+TensorFlow fold batch-norm into the convolutions and oneDNN keep its re-laid-out weights instead of
+redoing that on every call (a quarter of a float32 call's time on this app's CPU). Freezing costs
+seconds, so by default the predictor turns ready on the plain traced function and swaps the frozen one
+in from a background thread once it is built, warmed and checked. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from aisight.preprocess import INPUT_SHAPE
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bf16")
+FREEZE_MODES = ("background", "sync", "off")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_WAIT_MS = 3.0
 
@@ -50,6 +57,7 @@ class Predictor:
         max_batch: int | None = None,
         max_wait_ms: float | None = None,
         precision: str | None = None,
+        freeze: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.max_batch = (
@@ -66,6 +74,12 @@ class Predictor:
         if precision not in PRECISIONS:
             raise ValueError(f"AISIGHT_PRECISION must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision  # what the model computes in once loaded (bf16 falls back where not native)
+        freeze = (freeze or os.environ.get("AISIGHT_FREEZE") or "background").strip().lower()
+        if freeze not in FREEZE_MODES:
+            raise ValueError(f"AISIGHT_FREEZE must be one of {FREEZE_MODES}, got {freeze!r}")
+        self.freeze = freeze
+        self.graph = "none"  # which function answers: "traced" (weights as variables) or "frozen"
+        self.freeze_seconds: float | None = None
         self.state = "loading"
         self.error: str | None = None
         self.card: dict[str, Any] | None = None
@@ -73,6 +87,8 @@ class Predictor:
         self.load_seconds: float | None = None
         self.device = "cpu"
         self._infer = None
+        self._concrete = None
+        self._freezer: threading.Thread | None = None
         self._batcher: MicroBatcher | None = None
         self._buckets: tuple[int, ...] = _buckets(self.max_batch)
         self._lock = threading.Lock()
@@ -106,12 +122,15 @@ class Predictor:
                 raise ArtifactError(f"model output shape {model.output_shape[1:]} != (2,)")
             self.card, self.model = card, model
             t_model = time.perf_counter()
-            self._infer = _compile(model)
+            self._infer, self._concrete = _compile(model)
+            self.graph = "traced"
             self._buckets = _buckets(self.max_batch)
-            for size in self._buckets:
-                warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
-                if not np.all(np.isfinite(warm)):
-                    raise ArtifactError("warm-up prediction is not finite")
+            # sync: the frozen graph, warmed on every batch size, answers from the start (if it builds).
+            if not (self.freeze == "sync" and self._try_freeze()):
+                for size in self._buckets:
+                    warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
+                    if not np.all(np.isfinite(warm)):
+                        raise ArtifactError("warm-up prediction is not finite")
         except Exception as exc:  # any failure leaves the process serving, but not ready
             self.state, self.error = "failed", str(exc)
             log.error("model load failed from %s: %s", self.model_dir, exc)
@@ -127,7 +146,44 @@ class Predictor:
             self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start, t_model - t_import,
             "/".join(map(str, self._buckets)), end - t_model,
         )
+        if self.freeze == "background":
+            self._freezer = threading.Thread(target=self._freeze_in_background, name="aisight-freeze", daemon=True)
+            self._freezer.start()
         return self
+
+    def _freeze(self) -> None:
+        """Build the frozen graph, warm it on every batch size, check it against the traced one, use it."""
+        t0 = time.perf_counter()
+        frozen = _freeze(self._concrete)
+        probe = np.random.default_rng(0).integers(0, 256, (2, *INPUT_SHAPE), dtype=np.uint8).astype(np.float32)
+        for size in self._buckets:
+            warm = frozen(np.zeros((size, *INPUT_SHAPE), np.float32))
+            if not np.all(np.isfinite(warm)):
+                raise ArtifactError("frozen graph: warm-up prediction is not finite")
+        # Folding batch-norm into the weights rounds differently; anything beyond that is a broken graph.
+        with self._lock:
+            reference = self._infer(probe)
+        diff = float(np.abs(frozen(probe) - reference).max())
+        limit = 2e-2 if self.precision == "bf16" else 1e-3
+        if not diff <= limit:
+            raise ArtifactError(f"frozen graph answers differ from the traced one by {diff:.3g} (> {limit})")
+        self._infer = frozen  # one attribute store: a batch runs wholly on one function or the other
+        self.graph = "frozen"
+        self.freeze_seconds = time.perf_counter() - t0
+        log.info("frozen graph in use after %.2fs (largest difference from the traced one %.2g)",
+                 self.freeze_seconds, diff)
+
+    def _try_freeze(self) -> bool:
+        """Freeze, or say why not: the traced function keeps answering (slower, never wrong)."""
+        try:
+            self._freeze()
+        except Exception as exc:
+            log.warning("frozen graph not used, the traced function keeps answering: %s", exc)
+            return False
+        return True
+
+    def _freeze_in_background(self) -> None:
+        self._try_freeze()
 
     def warm_batches(self) -> list[int]:
         """The batch sizes the model runs (others are padded up to one) and warms up at load."""
@@ -211,14 +267,28 @@ def _env_number(name: str, default, kind):
 
 
 def _compile(model):
-    """Wrap the model's forward pass in a traced tf.function (much faster than model.predict)."""
+    """Trace the model's forward pass once for any batch size (much faster than model.predict).
+
+    Returns the callable and its concrete function (what ``_freeze`` freezes).
+    """
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)], reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)])
     def infer(x):
         return tf.cast(model(x, training=False), tf.float32)
 
-    return lambda batch: infer(tf.constant(batch)).numpy()
+    return (lambda batch: infer(tf.constant(batch)).numpy()), infer.get_concrete_function()
+
+
+def _freeze(concrete):
+    """The concrete function with its variables turned into constants, as a callable on numpy batches."""
+    import tensorflow as tf
+
+    # TensorFlow's own freezing (what tf.saved_model and the TFLite converter use); there is no public alias.
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(concrete)
+    return lambda batch: frozen(tf.constant(batch))[0].numpy()
 
 
 def _buckets(max_batch: int) -> tuple[int, ...]:

@@ -2,14 +2,17 @@
 
 Each inference path runs in its own process (oneDNN reads its floating-point mode once, at start):
 
-- ``float32``: the traced ``tf.function`` the app serves by default (aisight.predictor, float32);
-- ``bf16``: the app's ``AISIGHT_PRECISION=bf16`` path (aisight.predictor: Keras' ``mixed_bfloat16``);
-- ``bf16-onednn``: the float32 ``tf.function`` with oneDNN told to compute in bf16 (AMX), fp32 in memory;
-- ``xla``: the float32 ``tf.function`` with ``jit_compile=True``;
+- ``float32``: what the app serves by default (aisight.predictor): the frozen graph, float32;
+- ``bf16``: the app's ``AISIGHT_PRECISION=bf16`` path: the frozen graph under Keras' ``mixed_bfloat16``;
+- ``float32-traced``, ``bf16-traced``: the same before freezing (``AISIGHT_FREEZE=off``): a traced
+  ``tf.function`` with the weights as variables;
+- ``bf16-onednn``: the float32 traced function with oneDNN told to compute in bf16 (AMX), fp32 in memory;
+- ``xla``: the float32 traced function with ``jit_compile=True``;
 - ``predict``: ``model.predict(x)`` per call, the paper's way.
 
 The floating-point limit is given twice: the theoretical peak of the cores (FP32 AVX-512 FMA, and AMX
-BF16 where present) and the practical ceiling a large matmul reaches on this machine.
+BF16 where present) and the practical ceiling: the best of a large matmul and a large 1x1 convolution
+through the same oneDNN kernels, on this machine.
 
     PYTHONPATH=. .venv/bin/python bench/model_step.py [--model DIR] [--paths float32,bf16] [--batches 1,8,32]
 
@@ -36,8 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CACHE = Path(os.environ.get("AISIGHT_BENCH_CACHE", Path(tempfile.gettempdir()) / "aisight-bench"))
-PATHS = ("float32", "bf16", "bf16-onednn", "xla", "predict")
-DEFAULT_PATHS = ("float32", "bf16", "predict")
+PATHS = ("float32", "bf16", "float32-traced", "bf16-traced", "bf16-onednn", "xla", "predict")
+DEFAULT_PATHS = ("float32", "bf16", "float32-traced", "bf16-traced", "predict")
 # Paths that differ only by the environment their process starts with.
 PATH_ENV = {"bf16-onednn": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}}
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -137,23 +140,32 @@ def cpu_info() -> dict:
     }
 
 
-def matmul_ceiling(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
-    """GFLOP/s of a large square matmul in ``dtype`` with TensorFlow here: the practical ceiling."""
+def matmul_ceiling(dtype: str, seconds: float = 2.0) -> float:
+    """GFLOP/s of the best of a large matmul and a large 1x1 convolution in ``dtype``: the practical ceiling.
+
+    Both run through TensorFlow's oneDNN kernels (AMX for bf16 where present), as the model does.
+    """
     import tensorflow as tf
 
-    a = tf.random.normal((n, n), dtype=tf.float32)
-    b = tf.random.normal((n, n), dtype=tf.float32)
-    if dtype == "bf16":
-        a, b = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
-    step = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y), tf.float32)))
-    step(a, b).numpy()
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
-        t = time.perf_counter()
-        step(a, b).numpy()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
+    dt = tf.bfloat16 if dtype == "bf16" else tf.float32
+    n = 2048
+    a, b = tf.cast(tf.random.normal((n, n)), dt), tf.cast(tf.random.normal((n, n)), dt)
+    x, w = tf.cast(tf.random.normal((32, 32, 32, 1024)), dt), tf.cast(tf.random.normal((1, 1, 1024, 1024)), dt)
+    cases = [
+        (tf.function(lambda: tf.matmul(a, b)), 2 * n**3),
+        (tf.function(lambda: tf.nn.conv2d(x, w, 1, "SAME")), 2 * 32 * 32 * 32 * 1024 * 1024),
+    ]
+    best = 0.0
+    for step, flops in cases:
+        step().numpy()
+        times = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times) < 3:
+            t = time.perf_counter()
+            step().numpy()
+            times.append(time.perf_counter() - t)
+        best = max(best, flops / min(times) / 1e9)
+    return best
 
 
 # --- One path, in this process ----------------------------------------------------------------------
@@ -163,13 +175,16 @@ def build_step(path: str, model_dir: Path):
     """Return (run(batch uint8) -> probs, float32 model) for one inference path."""
     from aisight.artifact import load_model
 
-    if path in ("float32", "bf16"):
+    if path in ("float32", "bf16", "float32-traced", "bf16-traced"):
         from aisight.predictor import Predictor
 
+        precision, _, traced = path.partition("-")
         # max_batch=1: no micro-batcher and no padding, so each batch size runs as it is.
-        p = Predictor(model_dir, max_batch=1, precision=path).load()
+        p = Predictor(model_dir, max_batch=1, precision=precision, freeze="off" if traced else "sync").load()
         if not p.ready:
             raise RuntimeError(p.error)
+        if p.graph != ("traced" if traced else "frozen") or p.precision != precision:
+            raise RuntimeError(f"{path}: got the {p.graph} graph in {p.precision}")
         return p.predict, p.model
     model = load_model(model_dir)
     if path == "predict":
@@ -277,11 +292,12 @@ def markdown(results: dict) -> str:
     lines = [
         f"CPU: {cpu['model']}, {cpu['cores']} cores at {cpu['ghz']} GHz; theoretical peak FP32 (AVX-512 FMA) "
         f"{cpu['fp32_peak_gflops']:.0f} GFLOP/s, BF16 (AMX) {cpu['bf16_amx_peak_gflops']:.0f} GFLOP/s; "
-        f"measured 2048x2048 matmul FP32 {results.get('matmul_fp32_gflops', float('nan')):.0f} GFLOP/s, "
+        f"measured ceiling (best of a 2048x2048 matmul and a 1x1 convolution) FP32 "
+        f"{results.get('matmul_fp32_gflops', float('nan')):.0f} GFLOP/s, "
         f"BF16 {results.get('matmul_bf16_gflops', float('nan')):.0f} GFLOP/s.",
         "",
         "| path | ms/img, batch 1 | best batch | ms/img at best | GFLOP/s | % of peak (its precision) "
-        "| % of FP32 peak | % of matmul ceiling |",
+        "| % of FP32 peak | % of measured ceiling |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summarize(results):

@@ -21,7 +21,7 @@ def images() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def predictor(model_dir: Path):
-    p = Predictor(model_dir, max_batch=4, max_wait_ms=20).load()
+    p = Predictor(model_dir, max_batch=4, max_wait_ms=20, freeze="sync").load()
     assert p.ready, p.error
     yield p
     p.close()
@@ -32,6 +32,7 @@ def test_loads_ready_with_its_settings(predictor: Predictor):
     assert predictor.precision == "float32" and predictor.device.startswith(("cpu", "gpu"))
     assert predictor.max_batch == 4 and predictor.max_wait_ms == 20
     assert predictor.warm_batches() == [1, 2, 4]
+    assert predictor.freeze == "sync" and predictor.graph == "frozen" and predictor.freeze_seconds > 0
     assert 0.0 <= predictor.threshold <= 1.0 and predictor.load_seconds > 0
 
 
@@ -59,6 +60,40 @@ def test_predict_batch_matches_single_calls(predictor: Predictor, images: np.nda
     batch = predictor.predict(images[:5])
     singles = [predictor.predict_one(img) for img in images[:5]]
     np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_the_frozen_graph_answers_like_the_traced_one(model_dir: Path, predictor: Predictor, images: np.ndarray):
+    traced = Predictor(model_dir, max_batch=4, freeze="off").load()
+    assert traced.graph == "traced"
+    np.testing.assert_allclose(traced.predict(images), predictor.predict(images), atol=1e-5)
+    traced.close()
+
+
+def test_the_frozen_graph_is_swapped_in_after_ready(model_dir: Path, images: np.ndarray):
+    p = Predictor(model_dir, max_batch=2, freeze="background").load()
+    assert p.ready  # ready before freezing, on the traced function
+    p._freezer.join(120)
+    assert p.graph == "frozen"
+    assert isinstance(p.predict_one(images[0]), float)
+    p.close()
+
+
+def test_a_failed_freeze_keeps_the_traced_function(model_dir: Path, images: np.ndarray, monkeypatch):
+    from aisight import predictor as mod
+
+    def broken(concrete):
+        raise RuntimeError("no constants today")
+
+    monkeypatch.setattr(mod, "_freeze", broken)
+    p = Predictor(model_dir, max_batch=2, freeze="background").load()
+    p._freezer.join(60)
+    assert p.ready and p.graph == "traced"
+    assert isinstance(p.predict_one(images[0]), float)
+    p.close()
+    p = Predictor(model_dir, max_batch=2, freeze="sync").load()
+    assert p.ready and p.graph == "traced"
+    np.testing.assert_allclose(p.predict_one(images[0]), p.predict(images[:1])[0], atol=1e-6)
+    p.close()
 
 
 def test_padded_batches_answer_like_single_images(predictor: Predictor, images: np.ndarray):
@@ -129,8 +164,13 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("AISIGHT_BATCH_MAX", "12")
     monkeypatch.setenv("AISIGHT_BATCH_WAIT_MS", "2.5")
     monkeypatch.setenv("AISIGHT_PRECISION", "BF16")
+    monkeypatch.setenv("AISIGHT_FREEZE", "off")
     p = Predictor("nowhere")
-    assert (p.max_batch, p.max_wait_ms, p.precision) == (12, 2.5, "bf16")
+    assert (p.max_batch, p.max_wait_ms, p.precision, p.freeze) == (12, 2.5, "bf16", "off")
+    for name in ("AISIGHT_BATCH_MAX", "AISIGHT_BATCH_WAIT_MS", "AISIGHT_PRECISION", "AISIGHT_FREEZE"):
+        monkeypatch.delenv(name)
+    p = Predictor("nowhere")
+    assert (p.max_batch, p.max_wait_ms, p.precision, p.freeze) == (8, 3.0, "float32", "background")
 
 
 @pytest.mark.parametrize(
@@ -140,6 +180,7 @@ def test_settings_come_from_the_environment(monkeypatch):
         ("AISIGHT_BATCH_MAX", "0", "at least 1"),
         ("AISIGHT_BATCH_WAIT_MS", "-1", ">= 0"),
         ("AISIGHT_PRECISION", "int4", "must be one of"),
+        ("AISIGHT_FREEZE", "later", "must be one of"),
     ],
 )
 def test_bad_settings_are_refused(monkeypatch, name: str, value: str, match: str):
