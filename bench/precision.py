@@ -1,7 +1,8 @@
 """Measure what bf16 inference changes on the test split: accuracy, AUC, sensitivity, specificity, answers.
 
-Both precisions run through the app's own predictor (``AISIGHT_PRECISION=float32`` and ``bf16``) on
-the same decoded photos, at the model card's threshold. The bf16 path is acceptable for serving only
+Both precisions run through the app's own predictor (``AISIGHT_PRECISION=float32`` and ``bf16``, each
+on its frozen graph, as served) on the same decoded photos, at the model card's threshold; the float32
+frozen graph is also checked against the traced function it is made from. The bf16 path is acceptable for serving only
 if accuracy moves by less than 1 point; the script says whether it does.
 
     PYTHONPATH=. .venv/bin/python bench/precision.py [--model model] [--split runs/bundled/split/test.csv]
@@ -38,17 +39,18 @@ def load_split(split: Path):
     return images, labels, kept
 
 
-def probabilities(model_dir: Path, precision: str, images: np.ndarray, batch: int = 32) -> tuple[np.ndarray, dict]:
+def probabilities(model_dir: Path, precision: str, images: np.ndarray, batch: int = 32,
+                  freeze: str = "sync") -> tuple[np.ndarray, dict]:
     """P(diseased) for every image through the predictor in ``precision``, and the predictor's card."""
     from aisight.predictor import Predictor
 
     # freeze="sync": the frozen graph, which is what answers once a server has finished starting.
-    p = Predictor(model_dir, max_batch=1, precision=precision, freeze="sync").load()
+    p = Predictor(model_dir, max_batch=1, precision=precision, freeze=freeze).load()
     if not p.ready:
         raise SystemExit(f"model did not load: {p.error}")
     if p.precision != precision:
         raise SystemExit(f"{precision} is not available here (the predictor fell back to {p.precision})")
-    if p.graph != "frozen":
+    if freeze == "sync" and p.graph != "frozen":
         print(f"{precision}: the frozen graph did not build; measuring the traced function", file=sys.stderr)
     t = time.perf_counter()
     probs = np.concatenate([p.predict(images[i : i + batch]) for i in range(0, len(images), batch)])
@@ -95,6 +97,10 @@ def markdown(res: dict, model: str, split: str) -> str:
         f"{res['label_flips']} of {res['n']} answers change side of the threshold. "
         f"Accuracy change {'within' if res['within_limit'] else 'OUTSIDE'} the {LIMIT_POINTS:g}-point limit.",
     ]
+    if "frozen_vs_traced_float32" in res:
+        fz = res["frozen_vs_traced_float32"]
+        rows.append(f"Float32 frozen graph against the traced function: P(diseased) differs by at most "
+                    f"{fz['max_abs_prob_diff']:.2g}, {fz['label_flips']} answers change side.")
     return "\n".join(rows)
 
 
@@ -111,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     images, labels, _ = load_split(split)
     p32, card = probabilities(Path(args.model), "float32", images)
     p16, _ = probabilities(Path(args.model), "bf16", images)
+    traced, _ = probabilities(Path(args.model), "float32", images, freeze="off")
     res = compare(labels, p32, p16, float(card["threshold"]))
+    # The frozen graph (batch-norm folded into the weights) against the traced function, both float32.
+    res["frozen_vs_traced_float32"] = {
+        "max_abs_prob_diff": float(np.abs(p32 - traced).max()),
+        "label_flips": int(((p32 >= res["threshold"]) != (traced >= res["threshold"])).sum()),
+    }
     res["model"] = {"dir": args.model, "name": card["name"], "version": card["version"],
                     "architecture": card["architecture"]}
     if args.json:
