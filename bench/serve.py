@@ -54,14 +54,34 @@ PHONE_SIZE = (4000, 3000)
 # --- Photos -----------------------------------------------------------------------------------------
 
 
+def gate_accepts(jpeg: bytes) -> bool:
+    """Whether the app's fundus gate lets this photo through to the model (as aisight.web does)."""
+    from aisight.gate import check_fundus
+    from aisight.preprocess import open_image
+
+    return check_fundus(open_image(jpeg), Image.open(io.BytesIO(jpeg)).size).ok
+
+
 def real_photos(data: Path, n: int) -> tuple[list[bytes], str]:
-    """``n`` real JPEGs from the data set (both labels, spread over it), or generated ones if it is absent."""
+    """``n`` real JPEGs from the data set (both labels, spread over it), or generated ones if it is absent.
+
+    Only photos the app's gate accepts: one it refuses (422, about 1% of real photos) would measure the
+    gate's false refusals, not serving.
+    """
     manifest = data / "manifest.csv"
     if manifest.is_file():
         rows = list(csv.DictReader(manifest.open()))
-        step = max(1, len(rows) // n)
-        picked = rows[::step][:n]
-        return [(data / r["path"]).read_bytes() for r in picked], f"{len(picked)} real photos from {data}"
+        step = max(1, len(rows) // (2 * n))
+        picked, refused = [], 0
+        for r in rows[::step]:
+            jpeg = (data / r["path"]).read_bytes()
+            if gate_accepts(jpeg):
+                picked.append(jpeg)
+            else:
+                refused += 1
+            if len(picked) == n:
+                break
+        return picked, f"{len(picked)} real photos from {data} (gate-accepted; {refused} refused ones skipped)"
     print(f"real photos not found at {data}: using generated fundus images (training.synthetic)", file=sys.stderr)
     from training.synthetic import make_fundus
 
@@ -82,9 +102,11 @@ def phone_photo(jpeg: bytes, seed: int, size: tuple[int, int] = PHONE_SIZE) -> b
     frame = Image.new("RGB", size, (8, 8, 8))
     frame.paste(src.resize((side, side), Image.Resampling.BICUBIC), ((w - side) // 2, (h - side) // 2))
     rng = np.random.default_rng(seed)
-    arr = np.asarray(frame, dtype=np.int16)
-    # Sensor noise, so the JPEG is as large as a real phone photo's (3-4 MB), not a smooth upscale.
-    arr = np.clip(arr + rng.normal(0, 10, arr.shape).astype(np.int16), 0, 255).astype(np.uint8)
+    arr = np.asarray(frame, dtype=np.float32)
+    # Sensor noise, so the JPEG is as large as a real phone photo's (2-3.5 MB), not a smooth upscale. Shot
+    # noise grows with the signal, so the dark surround stays dark (as the app's gate expects of a fundus).
+    noise = rng.standard_normal(arr.shape, dtype=np.float32) * (20 * np.sqrt(arr / 255))
+    arr = np.clip(arr + noise, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -372,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         photo_sets["400px"] = [multipart(b) for b in real]
     if "12mp" in sizes:
         t = time.perf_counter()
-        phones = [phone_photo(real[i], seed=i) for i in range(6)]
+        phones = [p for p in (phone_photo(real[i], seed=i) for i in range(8)) if gate_accepts(p)][:6]
+        if not phones:
+            raise SystemExit("the app's gate refuses every generated 12 MP photo")
         print(f"made {len(phones)} 12 MP photos ({np.mean([len(p) for p in phones]) / 1e6:.1f} MB each) in "
               f"{time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         photo_sets["12mp"] = [multipart(b) for b in phones]
