@@ -102,10 +102,12 @@ def gradcam(model, image: np.ndarray, layer_name: str | None = None, class_index
     return cam / top
 
 
-def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a heatmap to ``size`` (width, height) with bilinear interpolation, staying in [0, 1]."""
+def upsample(
+    heatmap: np.ndarray, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.BILINEAR
+) -> np.ndarray:
+    """Resize a heatmap to ``size`` (width, height), bilinear unless told otherwise, staying in [0, 1]."""
     img = Image.fromarray(np.ascontiguousarray(heatmap, np.float32))  # mode "F"
-    return np.clip(np.asarray(img.resize(size, Image.Resampling.BILINEAR), np.float32), 0.0, 1.0)
+    return np.clip(np.asarray(img.resize(size, resample), np.float32), 0.0, 1.0)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -121,9 +123,11 @@ def _layer(heatmap: np.ndarray, size: tuple[int, int], alpha: float) -> tuple[np
     """Return (RGB uint8 colours, float32 opacity in [0, alpha]) of the heatmap upsampled to ``size``.
 
     Cold regions are more transparent than hot ones (opacity runs from 30% to 100% of ``alpha``
-    with the heat) so the retina stays readable under the colour.
+    with the heat) so the retina stays readable under the colour. The heat is upsampled before it is
+    coloured (bicubic: a 4x4 map, Xception's, otherwise shows bilinear's diamonds); colours blended
+    after colouring would pass through purple between blue and red instead of along the colour map.
     """
-    levels = (upsample(heatmap, size) * 255.0 + 0.5).astype(np.uint8)
+    levels = (upsample(heatmap, size, Image.Resampling.BICUBIC) * 255.0 + 0.5).astype(np.uint8)
     return _LUT[levels], (alpha * (0.3 + 0.7 * levels.astype(np.float32) / 255.0))[..., None]
 
 
@@ -146,9 +150,10 @@ def overlay_png(photo: Image.Image, heatmap: np.ndarray, alpha: float = 0.45, ma
 def heatmap_png(heatmap: np.ndarray, size: tuple[int, int] | None = None, alpha: float = 0.45) -> bytes:
     """Return the coloured heatmap alone as an RGBA PNG, to lay over the displayed photo.
 
-    By default at the heatmap's own resolution (16x16 for TinyNet: well under 1 kB): stretched by the
-    browser over the photo's box (CSS width/height 100%, smooth scaling), it looks like
-    ``overlay_png`` without sending the photo twice. ``size`` (width, height) upsamples it here instead.
+    By default at the heatmap's own resolution (16x16 for TinyNet: well under 1 kB), for the browser to
+    stretch over the photo's box (CSS width/height 100%). The browser blends the colours, not the heat,
+    so a coarse map looks washed out that way: ``size`` (width, height) upsamples it here first, which
+    is what the result page does (``aisight.web.HEATMAP_LAYER_SIDE``).
     """
     size = size or (heatmap.shape[1], heatmap.shape[0])
     colours, weight = _layer(heatmap, size, alpha)
