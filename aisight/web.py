@@ -26,6 +26,11 @@ bp = Blueprint("web", __name__)
 FIELD = "image"
 # The result page shows the upload as a data: URL (nothing is written to disk) no larger than this.
 DISPLAY_MAX_SIDE = 768
+# The result page's heatmap layer: upsampled here to this many pixels a side before colouring (the
+# browser stretches it the rest of the way), and more opaque than the API's overlay (0.45), since the
+# page shows the plain photo too, one tap away.
+HEATMAP_LAYER_SIDE = 64
+HEATMAP_LAYER_ALPHA = 0.6
 # Within this distance of the threshold the page says the result is uncertain.
 NEAR_THRESHOLD = 0.1
 NOTICE = (
@@ -307,12 +312,13 @@ def index() -> str:
 
 
 def page_heatmap(s: Screening) -> dict[str, Any] | None:
-    """The result page's heatmap layer: a tiny RGBA PNG (data: URL) the browser stretches over the photo."""
+    """The result page's heatmap layer: a small RGBA PNG (data: URL) the browser stretches over the photo."""
     heat = heatmap(s)
     if heat is None:
         return None
+    side = max(HEATMAP_LAYER_SIDE, *heat.shape)
     try:
-        png = explain.heatmap_png(heat)
+        png = explain.heatmap_png(heat, (side, side), alpha=HEATMAP_LAYER_ALPHA)
     except Exception:  # noqa: BLE001 - as in heatmap(): the result stands
         log.warning("heatmap PNG failed; showing the result without it", exc_info=True)
         current_app.extensions["aisight"]["metrics"].explain_failures.inc()

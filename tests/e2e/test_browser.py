@@ -145,3 +145,57 @@ def test_real_photos_on_a_phone(open_page, fundus_dir, artifacts_dir):
         assert el.get_attribute("data-prediction") in ("healthy", "diseased")
         page.screenshot(path=artifacts_dir / f"e2e-result-real-{row['label']}-phone.png", full_page=True)
     assert errors == []
+
+
+def heatmap_visibility(page) -> str:
+    return page.evaluate("getComputedStyle(document.querySelector('.photo .heatmap')).visibility")
+
+
+@pytest.mark.parametrize("javascript", [True, False], ids=["js", "nojs"])
+def test_heatmap_toggle(open_page, artifacts_dir, javascript):
+    _open, errors = open_page
+    page = _open("phone", javascript=javascript)
+    choose(page, fundus_jpeg(diseased=True, size=600, seed=35))
+    page.click('button[type="submit"]')
+    page.wait_for_selector("[data-prediction]", timeout=60_000)
+    # The photo first; the heatmap stacked over it, hidden until asked for.
+    assert heatmap_visibility(page) == "hidden"
+    assert page.evaluate("document.querySelector('.photo .heatmap').naturalWidth") > 0
+    assert page.is_visible("text=This is not a map of disease.")
+    box, photo = page.locator(".photo .heatmap").bounding_box(), page.locator(".stack > img").first.bounding_box()
+    assert box == photo, "the heatmap covers the photo exactly"
+    page.click('label[for="show-heatmap"]')  # the label is the big touch target
+    assert page.is_checked("#show-heatmap")
+    assert heatmap_visibility(page) == "visible"
+    assert page.is_visible(".heat-legend")
+    assert fits_width(page)
+    suffix = "" if javascript else "-nojs"
+    page.locator(".result").screenshot(path=artifacts_dir / f"e2e-heatmap{suffix}-phone.png")
+    page.click("#show-heatmap")
+    assert heatmap_visibility(page) == "hidden"
+    assert errors == []
+
+
+@pytest.mark.parametrize("javascript", [True, False], ids=["js", "nojs"])
+def test_refusal_explains_itself_on_a_phone(open_page, artifacts_dir, tmp_path, javascript):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    cat = tmp_path / "cat.jpg"
+    Image.fromarray(skimage_data.chelsea()).save(cat, quality=90)
+    _open, errors = open_page
+    page = _open("phone", javascript=javascript)
+    page.set_input_files('input[type="file"][name="image"]', str(cat))
+    page.click('button[type="submit"]')
+    alert = page.wait_for_selector('[data-error="not_fundus"]', timeout=60_000)
+    text = alert.inner_text()
+    assert "We did not screen this photo." in text and "does not look like a colour fundus photograph" in text
+    assert "What to do: Take the photo through the fundus camera" in text
+    assert page.is_visible(".refusal .example svg")
+    assert page.query_selector("[data-prediction]") is None
+    assert page.is_visible('input[type="file"]')  # the form is right there to try again
+    assert fits_width(page)
+    if javascript:
+        page.screenshot(path=artifacts_dir / "e2e-refusal-phone.png", full_page=True)
+    # The browser logs the 422 answer itself as a failed resource; anything else is an error of ours.
+    assert [e for e in errors if "422" not in e] == []
