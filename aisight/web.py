@@ -76,11 +76,11 @@ SECURITY_HEADERS = {
 }
 HTTP_CODES = {
     400: "bad_request",
-    422: "unprocessable_content",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    422: "unprocessable_content",
     429: "too_many_requests",
     503: "service_unavailable",
 }
@@ -416,8 +416,9 @@ def error_response(
         resp = jsonify(error=error)
     elif request.path == "/" and request.method == "POST":
         # The form's own page again, with the message next to the form: the user can retry at once.
-        error = {"code": code, "message": message, "hint": hint, "refused": status == 422}
-        resp = Response(render_template("index.html", error=error, **_page_context()))
+        # 422 is the gate's refusal: the page explains it and says what to do (the hint).
+        shown = {"code": code, "message": message, "hint": hint, "refused": status == 422}
+        resp = Response(render_template("index.html", error=shown, **_page_context()))
     else:
         resp = Response(render_template("error.html", status=status, code=code, message=message))
     resp.status_code = status

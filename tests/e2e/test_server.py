@@ -96,3 +96,21 @@ def test_metrics_over_http(server):
         "aisight_model_load_seconds ",
     ):
         assert name in text, name
+
+
+def test_gate_and_explanation_over_http(server):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from bench.gate_thresholds import generated_negatives
+
+    buf = io.BytesIO()
+    generated_negatives()["generated.screenshot_dark"].save(buf, format="PNG")
+    status, _, body = post(server.url, buf.getvalue())
+    err = json.loads(body)["error"]
+    assert status == 422 and err["code"] == "not_fundus" and "fundus camera" in err["hint"]
+    status, _, body = post(server.url, fundus_jpeg(seed=9), path="/api/v1/predict?explain=1")
+    png = base64.b64decode(json.loads(body)["explanation"]["png_base64"])
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (400, 400)
