@@ -366,6 +366,7 @@ def train_and_export(
     history_path.unlink(missing_ok=True)
     controlled = np.array([s.source == SOURCE_CONTROLLED for s in arrays["val"][2]])
     model, history = fit(cfg, arrays["train"][:2], arrays["val"][:2], log, history_path, controlled)
+    best_epoch = int(getattr(model, "best_epoch", -1))  # read before to_float32 returns a clone
     model = to_float32(model, cfg)
     probs = {name: predict_proba(model, x) for name, (x, _, _) in arrays.items()}
     threshold = threshold_for_sensitivity(arrays["val"][1], probs["val"], cfg.target_sensitivity)
@@ -394,7 +395,7 @@ def train_and_export(
             **({"recipe": recipe_info} if recipe_info else {}),
             "split_counts": {k: {"images": len(v[1]), "diseased": int(v[1].sum())} for k, v in arrays.items()},
             "config": asdict(cfg),
-            "best_epoch": int(getattr(model, "best_epoch", -1)),
+            "best_epoch": best_epoch,
             "epochs_run": len(history),
         },
         "metrics": metrics,
