@@ -268,8 +268,24 @@ def display_image(data: bytes, max_side: int = DISPLAY_MAX_SIDE) -> tuple[str, i
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.width, img.height
 
 
+# Cards written by `python -m training train` hold {part: {subset: {metric: value}}}; a reader wants
+# the test patients' headline numbers, not every cell (the full table is in the card file).
+HEADLINE_METRICS = ("accuracy", "sensitivity", "specificity", "auc")
+SUBSET_NAMES = {"all": "all test patients", "odir": "source-controlled (ODIR only)"}
+
+
 def card_metrics(card: dict[str, Any]) -> list[tuple[str, str]]:
-    """Flatten the card's metrics (any nesting, any keys) into rows a page can show."""
+    """Rows of the card's metrics a page can show: the test headline for training cards, else all."""
+    metrics = card.get("metrics") or {}
+    test = metrics.get("test")
+    if isinstance(test, dict) and isinstance(test.get("all"), dict):
+        return [
+            (f"{SUBSET_NAMES.get(subset, subset)} · {name}", f"{values[name]:.3f}")
+            for subset, values in test.items()
+            if isinstance(values, dict)
+            for name in HEADLINE_METRICS
+            if isinstance(values.get(name), (int, float))
+        ]
     rows: list[tuple[str, str]] = []
 
     def walk(prefix: str, value: Any) -> None:
@@ -284,7 +300,7 @@ def card_metrics(card: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((_humanize(prefix), str(value)))
         # lists and other shapes (curves, confusion matrices) are left to the card file itself
 
-    walk("", card.get("metrics") or {})
+    walk("", metrics)
     return rows
 
 

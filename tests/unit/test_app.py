@@ -404,3 +404,20 @@ def test_upload_streams_stay_in_memory(app):
         from flask import request
 
         assert isinstance(request.files["image"].stream, io.BytesIO)
+
+
+def test_result_shows_test_headline_of_a_training_card(model_dir, tmp_path):
+    # A card from `python -m training train`: the page shows the test patients' four headline numbers
+    # per subset, not every cell of every part.
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    card = json.loads((d / "model_card.json").read_text())
+    part = {"accuracy": 0.81, "sensitivity": 0.957, "specificity": 0.479, "auc": 0.917, "n": 465}
+    card["metrics"] = {"val": {"all": part}, "test": {"all": part, "odir": {**part, "auc": 0.802}}, "overfitting": 0.1}
+    (d / "model_card.json").write_text(json.dumps(card))
+    html = post_image(ready_app(d).test_client(), fundus_jpeg(), url="/").get_data(as_text=True)
+    for text in ("all test patients · sensitivity", "0.957", "source-controlled (ODIR only) · auc", "0.802"):
+        assert text in html
+    assert "val · all" not in html and "overfitting" not in html
