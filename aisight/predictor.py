@@ -127,7 +127,9 @@ class Predictor:
             self._buckets = _buckets(self.max_batch)
             # sync: the frozen graph, warmed on every batch size, answers from the start (if it builds).
             if not (self.freeze == "sync" and self._try_freeze()):
-                for size in self._buckets:
+                # background: only batch 1 before ready (cold start); the frozen graph that takes over
+                # seconds later is warmed on every size. off: every size now, the traced function stays.
+                for size in self._buckets[:1] if self.freeze == "background" else self._buckets:
                     warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
                     if not np.all(np.isfinite(warm)):
                         raise ArtifactError("warm-up prediction is not finite")
@@ -142,9 +144,8 @@ class Predictor:
         self.state = "ready"
         log.info(
             "model %s %s ready on %s (%s, batches up to %d, wait %.1f ms) in %.2fs: import %.2fs, model %.2fs, "
-            "trace + warm-up of batches %s %.2fs", card["name"], card["version"], self.device, self.precision,
-            self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start, t_model - t_import,
-            "/".join(map(str, self._buckets)), end - t_model,
+            "trace + warm-up %.2fs", card["name"], card["version"], self.device, self.precision,
+            self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start, t_model - t_import, end - t_model,
         )
         if self.freeze == "background":
             self._freezer = threading.Thread(target=self._freeze_in_background, name="aisight-freeze", daemon=True)
@@ -183,10 +184,16 @@ class Predictor:
         return True
 
     def _freeze_in_background(self) -> None:
-        self._try_freeze()
+        if self._try_freeze():
+            return
+        try:  # the traced function stays: warm the sizes load() left out
+            for size in self._buckets[1:]:
+                self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
+        except Exception as exc:  # a broken model shows on the request path too, answered there
+            log.warning("warm-up of the traced function failed: %s", exc)
 
     def warm_batches(self) -> list[int]:
-        """The batch sizes the model runs (others are padded up to one) and warms up at load."""
+        """The batch sizes the model runs (others are padded up to one), each run once before use."""
         return list(self._buckets)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -292,12 +299,20 @@ def _freeze(concrete):
 
 
 def _buckets(max_batch: int) -> tuple[int, ...]:
-    """Powers of two below ``max_batch``, then ``max_batch``: padding wastes at most half a batch."""
-    sizes, b = [], 1
+    """Every size up to 8, then powers of two, then ``max_batch``: the batch sizes the model runs.
+
+    Small batches, the common ones on a CPU, run as they are (a padded image costs as much as a real
+    one); above 8 a batch is padded to the next size, wasting at most half of it, so a large
+    ``AISIGHT_BATCH_MAX`` (GPU) does not mean warming up dozens of sizes.
+    """
+    sizes = list(range(1, min(max_batch, 8) + 1))
+    b = 16
     while b < max_batch:
         sizes.append(b)
         b *= 2
-    return (*sizes, max_batch)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return tuple(sizes)
 
 
 # Layers that stay float32 under bf16: the input scaling (0..255 has few bf16 steps) and the softmax,

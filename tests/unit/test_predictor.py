@@ -31,7 +31,7 @@ def test_loads_ready_with_its_settings(predictor: Predictor):
     assert predictor.state == "ready" and predictor.error is None
     assert predictor.precision == "float32" and predictor.device.startswith(("cpu", "gpu"))
     assert predictor.max_batch == 4 and predictor.max_wait_ms == 20
-    assert predictor.warm_batches() == [1, 2, 4]
+    assert predictor.warm_batches() == [1, 2, 3, 4]
     assert predictor.freeze == "sync" and predictor.graph == "frozen" and predictor.freeze_seconds > 0
     assert 0.0 <= predictor.threshold <= 1.0 and predictor.load_seconds > 0
 
@@ -96,16 +96,19 @@ def test_a_failed_freeze_keeps_the_traced_function(model_dir: Path, images: np.n
     p.close()
 
 
-def test_padded_batches_answer_like_single_images(predictor: Predictor, images: np.ndarray):
-    # Three images run padded to the warmed batch size 4; the padding never leaks into the answers.
-    np.testing.assert_allclose(predictor.predict(images[:3]), predictor.predict(images[:4])[:3], atol=1e-5)
-    assert predictor.predict(images[:3]).shape == (3,)
+def test_padded_batches_answer_like_single_images(model_dir: Path, images: np.ndarray):
+    # Above 8, batches are padded: nine images run as a batch of 12; the padding never leaks into the answers.
+    p = Predictor(model_dir, max_batch=12, freeze="off").load()
+    np.testing.assert_allclose(p.predict(images[:9]), [p.predict(img[None])[0] for img in images[:9]], atol=1e-5)
+    assert p.predict(images[:9]).shape == (9,)
+    p.close()
 
 
-def test_batch_sizes_are_powers_of_two_up_to_the_max(model_dir: Path):
+def test_batch_sizes_are_all_small_ones_then_powers_of_two(model_dir: Path):
     assert Predictor(model_dir, max_batch=1).warm_batches() == [1]
-    assert Predictor(model_dir, max_batch=8).warm_batches() == [1, 2, 4, 8]
-    assert Predictor(model_dir, max_batch=12).warm_batches() == [1, 2, 4, 8, 12]
+    assert Predictor(model_dir, max_batch=8).warm_batches() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert Predictor(model_dir, max_batch=12).warm_batches() == [1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert Predictor(model_dir, max_batch=32).warm_batches() == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32]
 
 
 def test_wrong_shapes_are_refused_before_batching(predictor: Predictor):
@@ -116,7 +119,7 @@ def test_wrong_shapes_are_refused_before_batching(predictor: Predictor):
 
 
 def test_a_model_error_reaches_every_waiting_caller(model_dir: Path, images: np.ndarray):
-    p = Predictor(model_dir, max_batch=8, max_wait_ms=50).load()
+    p = Predictor(model_dir, max_batch=8, max_wait_ms=50, freeze="off").load()
     assert p.ready
 
     def broken(batch):
