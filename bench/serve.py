@@ -172,6 +172,20 @@ class Server:
                 time.sleep(0.1)
         return self
 
+    def rss_mb(self) -> float:
+        """Resident memory of the server's processes (its process group: gunicorn and its workers), MB."""
+        if self.proc is None:
+            return float("nan")
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = status.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self.proc.pid:  # pgrp (the session leader's group: start_new_session)
+                    total += int((status.parent / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                continue
+        return total / 1e6
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -419,10 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels_c:
                 for s in servers:
                     levels.append(measure(s, photos, bodies, c, args.requests, args.time_cap))
+        rss = {s.name: s.rss_mb() for s in servers}
     finally:
         for s in servers:
             s.stop()
     results["cold_start_s"] = {s.name: s.cold_start_s for s in servers}
+    results["rss_mb"] = rss
     results["frozen_after_s"] = {s.name: s.settled_s for s in servers if s.settled_s}
     results["levels"] = [asdict(lv) for lv in levels]
     results["load_after"] = machine_load()
@@ -436,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         print(grid_table(levels))
     else:
         print(table(levels))
+    print("\nMemory after the run (resident, all processes of a server): "
+          + ", ".join(f"{k} {v:.0f} MB" for k, v in results["rss_mb"].items()))
     print("\nCold start (process start to /readyz 200): "
           + ", ".join(f"{k} {v:.1f}s" for k, v in results["cold_start_s"].items() if v is not None)
           + "; frozen graph in use after: "
