@@ -8,7 +8,7 @@ JPEGs made from the real photos: upscaled, with sensor-like noise, quality 90). 
 p50 and p99 latency and errors per server and level, and the app's speed-up at each level.
 
     PYTHONPATH=. .venv/bin/python bench/serve.py                 # the full comparison (``make bench``)
-    PYTHONPATH=. .venv/bin/python bench/serve.py --grid 1x4,1x8,2x4 --sizes 400   # workers x threads
+    PYTHONPATH=. .venv/bin/python bench/serve.py --grid 1x4,1x8,2x4,2x4:off --sizes 400   # workers x threads
     PYTHONPATH=. .venv/bin/python bench/serve.py --cold-start 3  # cold starts only
 
 Without ``--model`` both servers serve a cached random-weight Xception with the paper's head (the
@@ -223,10 +223,11 @@ def app_server(model_dir: Path, workdir: Path, workers: int, threads: int, preci
         **(extra or {}),
     })
     cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
-    name = f"app {precision} {workers}x{threads}"
+    freeze = env.get("AISIGHT_FREEZE", "background")
+    name = f"app {precision} {workers}x{threads}" + ("" if freeze == "background" else f" freeze={freeze}")
     # Every worker logs one of "frozen graph in use" / "frozen graph not used" once it is done freezing.
     # (An older checkout from --before has no frozen graph to wait for.)
-    freezes = root == ROOT and env.get("AISIGHT_FREEZE", "background") == "background"
+    freezes = root == ROOT and freeze == "background"
     settle = ("frozen graph ", workers) if freezes else None
     return Server(name, cmd, env, port, workdir / f"{name.replace(' ', '-')}-{port}.log", cwd=root, settle=settle)
 
@@ -363,11 +364,13 @@ def default_precisions() -> list[str]:
     return ["float32", "bf16"] if _bf16_native("cpu") else ["float32"]
 
 
-def parse_grid(text: str) -> list[tuple[int, int]]:
+def parse_grid(text: str) -> list[tuple[int, int, str | None]]:
+    """``WORKERSxTHREADS[:FREEZE]`` items, e.g. ``1x8,2x4:off`` (FREEZE sets AISIGHT_FREEZE for that server)."""
     out = []
     for part in text.split(","):
-        w, _, t = part.strip().lower().partition("x")
-        out.append((int(w), int(t)))
+        spec, _, freeze = part.strip().lower().partition(":")
+        w, _, t = spec.partition("x")
+        out.append((int(w), int(t), freeze or None))
     return out
 
 
@@ -415,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         photo_sets["12mp"] = [multipart(b) for b in phones]
 
-    configs = parse_grid(args.grid) if args.grid else [(args.workers, args.threads)]
+    configs = parse_grid(args.grid) if args.grid else [(args.workers, args.threads, None)]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    servers = [app_server(model_dir, workdir, w, t, prec, extra) for w, t in configs for prec in precisions]
+    servers = [
+        app_server(model_dir, workdir, w, t, prec, {**extra, **({"AISIGHT_FREEZE": fz} if fz else {})})
+        for w, t, fz in configs
+        for prec in precisions
+    ]
     if not args.grid and not args.no_baseline:
         servers.append(baseline_server(model_dir, workdir))
     results: dict = {"model_dir": str(model_dir), "photos": source, "load_before": machine_load(), "levels": []}
@@ -464,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 def grid_table(levels: list[Level]) -> str:
     lines = ["| server | photos | concurrency | req/s | p50 ms | p99 ms | errors |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for lv in sorted(levels, key=lambda lv: (lv.photos, lv.concurrency, lv.server)):
+    for lv in sorted(levels, key=lambda lv: (lv.photos != "400px", lv.concurrency, lv.server)):
         lines.append(f"| {lv.server} | {lv.photos} | {lv.concurrency} | {lv.rps:.2f} | {lv.p50_ms:.0f} "
                      f"| {lv.p99_ms:.0f} | {lv.errors} |")
     return "\n".join(lines)
