@@ -148,7 +148,9 @@ class Predictor:
             self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start, t_model - t_import, end - t_model,
         )
         if self.freeze == "background":
-            self._freezer = threading.Thread(target=self._freeze_in_background, name="aisight-freeze", daemon=True)
+            # Not a daemon: a process that exits while TensorFlow is inside a daemon thread aborts
+            # ("terminate called ..."); the interpreter waits for this one instead (seconds at most).
+            self._freezer = threading.Thread(target=self._freeze_in_background, name="aisight-freeze")
             self._freezer.start()
         return self
 
