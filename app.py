@@ -99,9 +99,9 @@ def _start_explain_prepare(app: Flask, predictor: Predictor) -> None:
     Otherwise the first result page would pay for the build (0.4 s for TinyNet, seconds for Xception).
     The thread is kept in ``app.extensions["aisight"]["explain_prepare"]`` so tests can wait for it.
     """
-    thread = threading.Thread(
-        target=_prepare_explain, args=(predictor,), name="aisight-explain-prepare", daemon=True
-    )
+    # Not a daemon (as the predictor's background freezing): a process that exits while TensorFlow is
+    # tracing in a daemon thread aborts ("terminate called ... FATAL: exception not rethrown").
+    thread = threading.Thread(target=_prepare_explain, args=(predictor,), name="aisight-explain-prepare")
     app.extensions["aisight"]["explain_prepare"] = thread
     thread.start()
 
