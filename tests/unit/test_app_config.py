@@ -64,7 +64,7 @@ def test_bad_load_mode_is_refused():
 def test_gunicorn_defaults(clean_env):
     s = gunicorn_settings()
     assert s["bind"] == "127.0.0.1:8000"
-    assert s["workers"] == 1 and s["threads"] == 4 and s["worker_class"] == "gthread"
+    assert s["workers"] == 1 and s["threads"] == 8 and s["worker_class"] == "gthread"
     assert s["preload_app"] is False  # TensorFlow is not fork-safe: load after fork
     assert s["timeout"] >= 60
 
