@@ -83,14 +83,6 @@ sys.addaudithook(_audit)
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def app(model_dir):
-    return ready_app(model_dir)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 # ---------------------------------------------------------------------------------------- the pages

@@ -59,14 +59,6 @@ BAD_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def app(model_dir):
-    return ready_app(model_dir)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def assert_still_serving(client) -> None:

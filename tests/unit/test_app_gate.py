@@ -16,7 +16,7 @@ from aisight.web import upload_size
 from app import create_app
 from bench.gate_thresholds import degrade, generated_negatives
 from tests.conftest import fundus_jpeg
-from tests.unit.test_app import encode, metric, post_image, ready_app
+from tests.unit.test_app import encode, metric, post_image
 from training.synthetic import make_fundus
 
 # scikit-image samples a user might upload by mistake: a cat, a cup of coffee, a portrait, documents.
@@ -40,14 +40,6 @@ def ungradable_upload(kind: str) -> bytes:
     return encode(degrade(photo, kind), "JPEG", quality=92)
 
 
-@pytest.fixture(scope="module")
-def app(model_dir):
-    return ready_app(model_dir)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def other_client(app, **env_or_config):
