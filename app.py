@@ -107,11 +107,10 @@ def _start_explain_prepare(app: Flask, predictor: Predictor) -> None:
 
 
 def _prepare_explain(predictor: Predictor) -> None:
-    model = getattr(predictor, "model", None)
-    if model is None:
-        return
     t0 = time.perf_counter()
     try:
+        # With OpenVINO serving, this is where the Keras model loads (seconds, after ready).
+        model = predictor.explain_model()
         layer = explain.prepare(model, (predictor.card or {}).get("gradcam_layer"))
     except Exception as exc:  # the result is still served without a heatmap; each request logs its failure
         log.warning("Grad-CAM could not be prepared: %s", exc)

@@ -11,7 +11,13 @@ The fast path is a frozen graph: the traced forward pass with the weights as con
 TensorFlow fold batch-norm into the convolutions and oneDNN keep its re-laid-out weights instead of
 redoing that on every call (a quarter of a float32 call's time on this app's CPU). Freezing costs
 seconds, so by default the predictor turns ready on the plain traced function and swaps the frozen one
-in from a background thread once it is built, warmed and checked. See docs/performance.md.
+in from a background thread once it is built, warmed and checked.
+
+Faster still on a CPU is OpenVINO (aisight.ov_backend), used when the artifact holds an OpenVINO IR
+converted from its model.keras: AISIGHT_BACKEND=auto (the default) picks it unless the runtime or the IR
+is missing or an NVIDIA GPU is present; ``openvino`` insists on it; ``tensorflow`` never uses it. On
+OpenVINO the predictor is ready without TensorFlow; the Keras model (for Grad-CAM) loads afterwards, in
+the background. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bf16")
 FREEZE_MODES = ("background", "sync", "off")
+BACKENDS = ("auto", "openvino", "tensorflow")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_WAIT_MS = 3.0
 
@@ -58,6 +65,7 @@ class Predictor:
         max_wait_ms: float | None = None,
         precision: str | None = None,
         freeze: str | None = None,
+        backend: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.max_batch = (
@@ -78,7 +86,12 @@ class Predictor:
         if freeze not in FREEZE_MODES:
             raise ValueError(f"AISIGHT_FREEZE must be one of {FREEZE_MODES}, got {freeze!r}")
         self.freeze = freeze
-        self.graph = "none"  # which function answers: "traced" (weights as variables) or "frozen"
+        backend = (backend or os.environ.get("AISIGHT_BACKEND") or "auto").strip().lower()
+        if backend not in BACKENDS:
+            raise ValueError(f"AISIGHT_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend  # once loaded: "openvino" or "tensorflow", the one that answers
+        # Which function answers: "openvino", or TensorFlow's "traced" (weights as variables) or "frozen".
+        self.graph = "none"
         self.freeze_seconds: float | None = None
         self.state = "loading"
         self.error: str | None = None
@@ -92,6 +105,7 @@ class Predictor:
         self._batcher: MicroBatcher | None = None
         self._buckets: tuple[int, ...] = _buckets(self.max_batch)
         self._lock = threading.Lock()
+        self._keras_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -108,6 +122,9 @@ class Predictor:
         start = time.perf_counter()
         try:
             card = read_card(self.model_dir)
+            if self._load_openvino(card, start):
+                return self
+            self.backend = "tensorflow"
             with _without_pyplot():  # the first TensorFlow/Keras import in a serving process
                 self.device = _device_name()
             t_import = time.perf_counter()
@@ -153,6 +170,77 @@ class Predictor:
             self._freezer = threading.Thread(target=self._freeze_in_background, name="aisight-freeze")
             self._freezer.start()
         return self
+
+    def _load_openvino(self, card: dict[str, Any], start: float) -> bool:
+        """Serve through OpenVINO if the backend setting and this artifact allow it; False: use TensorFlow.
+
+        Raises when AISIGHT_BACKEND=openvino and OpenVINO cannot serve (load() turns that into "failed").
+        """
+        from aisight import ov_backend
+
+        if self.backend == "tensorflow":
+            return False
+        if self.backend == "auto":
+            why = (
+                "OpenVINO is not installed" if not ov_backend.available()
+                else f"{self.model_dir} has no OpenVINO IR" if not ov_backend.has_ir(self.model_dir)
+                else "an NVIDIA GPU is present (TensorFlow uses it)" if _nvidia_gpu_present()
+                else None
+            )
+            if why:
+                log.info("serving with TensorFlow: %s", why)
+                return False
+        precision = self.precision
+        if precision == "bf16" and not _bf16_native("cpu"):
+            log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
+            precision = "float32"
+        t_import = time.perf_counter()
+        try:
+            model = ov_backend.OpenVINOModel(self.model_dir, precision, ov_backend.infer_threads())
+        except Exception as exc:
+            if self.backend == "openvino":
+                raise
+            log.warning("OpenVINO not used, serving with TensorFlow: %s", exc)
+            return False
+        self.card, self.precision, self.device = card, precision, "cpu"
+        self.backend, self.graph, self._infer = "openvino", "openvino", model
+        self._buckets = _buckets(self.max_batch)
+        t_model = time.perf_counter()
+        for size in self._buckets:  # each shape's first call builds its kernels: cheap here, so all of them
+            warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
+            if not np.all(np.isfinite(warm)):
+                raise ArtifactError("warm-up prediction is not finite")
+        if self.max_batch > 1:
+            self._batcher = MicroBatcher(self._run, max_batch=self.max_batch, max_wait=self.max_wait_ms / 1000)
+        end = time.perf_counter()
+        self.load_seconds = end - start
+        self.state = "ready"
+        log.info(
+            "model %s %s ready on cpu with OpenVINO %s (%s, %d threads, batches up to %d, wait %.1f ms) in %.2fs: "
+            "card %.2fs, IR %.2fs, warm-up %.2fs", card["name"], card["version"], model.version.split("-")[0],
+            precision, model.threads, self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start,
+            t_model - t_import, end - t_model,
+        )
+        return True
+
+    def explain_model(self):
+        """The Keras model (what Grad-CAM differentiates); with OpenVINO serving, loaded on first use.
+
+        The app asks for it in the background as soon as the predictor is ready, so a request only
+        waits for it in the first seconds after start. Raises ModelNotReady before the predictor loaded.
+        """
+        if self.model is not None:
+            return self.model
+        if self.card is None:
+            raise ModelNotReady(self.error or "model is still loading")
+        with self._keras_lock:  # one load, however many threads ask at once
+            if self.model is None:
+                t0 = time.perf_counter()
+                with _without_pyplot():
+                    model = load_model(self.model_dir)
+                self.model = model
+                log.info("Keras model loaded for explanations in %.2fs", time.perf_counter() - t0)
+        return self.model
 
     def _freeze(self) -> None:
         """Build the frozen graph, warm it on every batch size, check it against the traced one, use it."""
@@ -414,6 +502,11 @@ def _bf16_native(device: str) -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _nvidia_gpu_present() -> bool:
+    """Whether this machine exposes an NVIDIA GPU (its device file), without importing TensorFlow."""
+    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
 
 
 def _device_name() -> str:

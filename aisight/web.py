@@ -211,7 +211,8 @@ def heatmap(s: Screening) -> np.ndarray | None:
     metrics = current_app.extensions["aisight"]["metrics"]
     t0 = time.perf_counter()
     try:
-        heat = explain.gradcam(p.model, s.model_input, s.card.get("gradcam_layer"), class_index=CLASS_INDEX[s.label])
+        model = p.explain_model()  # waits only in the first seconds after start (OpenVINO serving)
+        heat = explain.gradcam(model, s.model_input, s.card.get("gradcam_layer"), class_index=CLASS_INDEX[s.label])
     except Exception:  # noqa: BLE001 - the result stands without its heatmap
         log.warning("Grad-CAM failed on %s; answering without a heatmap", request.path, exc_info=True)
         metrics.explain_failures.inc()
@@ -227,7 +228,7 @@ def api_explanation(s: Screening) -> dict[str, Any] | None:
         return None
     try:
         png = explain.overlay_png(s.photo, heat)
-        layer = explain.target_layer(predictor().model, s.card.get("gradcam_layer"))
+        layer = explain.target_layer(predictor().explain_model(), s.card.get("gradcam_layer"))
     except Exception:  # noqa: BLE001 - as in heatmap(): the result stands
         log.warning("Grad-CAM overlay failed on %s; answering without it", request.path, exc_info=True)
         current_app.extensions["aisight"]["metrics"].explain_failures.inc()
@@ -395,6 +396,7 @@ def readyz() -> tuple[Response, int]:
         body["model"] = {"name": p.card["name"], "version": p.card["version"]}
     if p.ready:
         body["device"] = p.device
+        body["backend"] = getattr(p, "backend", None)
         body["load_seconds"] = p.load_seconds
     elif p.error:
         body["error"] = p.error

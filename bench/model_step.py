@@ -2,9 +2,12 @@
 
 Each inference path runs in its own process (oneDNN reads its floating-point mode once, at start):
 
-- ``float32``: what the app serves by default (aisight.predictor): the frozen graph, float32;
-- ``bf16``: the app's ``AISIGHT_PRECISION=bf16`` path: the frozen graph under Keras' ``mixed_bfloat16``;
-- ``float32-traced``, ``bf16-traced``: the same before freezing (``AISIGHT_FREEZE=off``): a traced
+- ``ov-float32``: what the app serves by default (aisight.predictor, backend OpenVINO): the
+  artifact's OpenVINO IR, float32;
+- ``ov-bf16``: the same with ``AISIGHT_PRECISION=bf16`` (OpenVINO computes in bf16 on AMX);
+- ``tf-float32``, ``tf-bf16``: the app with ``AISIGHT_BACKEND=tensorflow``: TensorFlow's frozen graph,
+  float32 or under Keras' ``mixed_bfloat16``;
+- ``tf-float32-traced``, ``tf-bf16-traced``: the same before freezing (``AISIGHT_FREEZE=off``): a traced
   ``tf.function`` with the weights as variables;
 - ``bf16-onednn``: the float32 traced function with oneDNN told to compute in bf16 (AMX), fp32 in memory;
 - ``xla``: the float32 traced function with ``jit_compile=True``;
@@ -14,7 +17,7 @@ The floating-point limit is given twice: the theoretical peak of the cores (FP32
 BF16 where present) and the practical ceiling: the best of a large matmul and a large 1x1 convolution
 through the same oneDNN kernels, on this machine.
 
-    PYTHONPATH=. .venv/bin/python bench/model_step.py [--model DIR] [--paths float32,bf16] [--batches 1,8,32]
+    PYTHONPATH=. .venv/bin/python bench/model_step.py [--model DIR] [--paths ov-bf16,tf-bf16] [--batches 1,8,32]
 
 Without ``--model`` it builds (once, cached) an Xception artifact with the paper's head and random
 weights: speed does not depend on the weights.
@@ -39,8 +42,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CACHE = Path(os.environ.get("AISIGHT_BENCH_CACHE", Path(tempfile.gettempdir()) / "aisight-bench"))
-PATHS = ("float32", "bf16", "float32-traced", "bf16-traced", "bf16-onednn", "xla", "predict")
-DEFAULT_PATHS = ("float32", "bf16", "float32-traced", "bf16-traced", "predict")
+PATHS = ("ov-float32", "ov-bf16", "tf-float32", "tf-bf16", "tf-float32-traced", "tf-bf16-traced", "bf16-onednn", "xla",
+         "predict")
+DEFAULT_PATHS = ("ov-float32", "ov-bf16", "tf-float32", "tf-bf16", "predict")
 # Paths that differ only by the environment their process starts with.
 PATH_ENV = {"bf16-onednn": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}}
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -53,6 +57,8 @@ def xception_artifact(cache: Path = CACHE) -> Path:
     """Return a folder with Xception + the paper's head (Flatten, Dropout, Dense 2), building it once."""
     out = cache / "xception-flatten"
     if (out / "model.keras").is_file() and (out / "model_card.json").is_file():
+        if not (out / "model.xml").is_file():  # cached by an older version of this script
+            _add_ir(out)
         return out
     print(f"building the Xception benchmark artifact in {out} (once)...", file=sys.stderr, flush=True)
     code = (
@@ -65,8 +71,15 @@ def xception_artifact(cache: Path = CACHE) -> Path:
     )
     tmp = cache / "xception-flatten.tmp"
     subprocess.run([sys.executable, "-c", code, str(tmp)], check=True, cwd=ROOT, env=_env())
+    _add_ir(tmp)
     tmp.rename(out)
     return out
+
+
+def _add_ir(model_dir: Path) -> None:
+    """Give the artifact its OpenVINO IR, as `python -m training export-openvino` does."""
+    subprocess.run([sys.executable, "-m", "training", "export-openvino", "--model", str(model_dir)], check=True,
+                   cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
 
 
 def model_dir_arg(value: str | None) -> Path:
@@ -228,17 +241,19 @@ def build_step(path: str, model_dir: Path):
     """Return (run(batch uint8) -> probs, float32 model) for one inference path."""
     from aisight.artifact import load_model
 
-    if path in ("float32", "bf16", "float32-traced", "bf16-traced"):
+    if path.startswith(("ov-", "tf-")):
         from aisight.predictor import Predictor
 
-        precision, _, traced = path.partition("-")
+        backend, precision, traced = (path.split("-") + [""])[:3]
         # max_batch=1: no micro-batcher and no padding, so each batch size runs as it is.
-        p = Predictor(model_dir, max_batch=1, precision=precision, freeze="off" if traced else "sync").load()
+        p = Predictor(model_dir, max_batch=1, precision=precision, freeze="off" if traced else "sync",
+                      backend="openvino" if backend == "ov" else "tensorflow").load()
         if not p.ready:
             raise RuntimeError(p.error)
-        if p.graph != ("traced" if traced else "frozen") or p.precision != precision:
+        graph = "openvino" if backend == "ov" else "traced" if traced else "frozen"
+        if p.graph != graph or p.precision != precision:
             raise RuntimeError(f"{path}: got the {p.graph} graph in {p.precision}")
-        return p.predict, p.model
+        return p.predict, p.explain_model()
     model = load_model(model_dir)
     if path == "predict":
         return (lambda x: model.predict(x.astype(np.float32), verbose=0)[:, 1]), model
@@ -321,7 +336,7 @@ def summarize(results: dict) -> list[dict]:
         per_img = {r["batch"]: r["median_s"] / r["batch"] for r in res["rows"]}
         best_batch = min(per_img, key=per_img.get)
         gflops = res["flops"] / per_img[best_batch] / 1e9
-        bf16 = res["path"].startswith("bf16")
+        bf16 = "bf16" in res["path"]
         peak = bf16_peak if bf16 and cpu["amx_bf16"] else fp32_peak
         ceiling = results.get("matmul_bf16_gflops" if bf16 else "matmul_fp32_gflops")
         rows.append({

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--stage", choices=("1", "2"), required=True)
 
+    p = sub.add_parser("export-openvino", help="add the OpenVINO IR (the app's CPU fast path) to a model artifact")
+    p.add_argument("--model", default="model", help="artifact folder with model.keras (default: model)")
+
     p = sub.add_parser("report", help="Markdown report + PNG plots of a selection (--out) or a train run (--run)")
     p.add_argument("--out", default=None, help="selection folder (report.md goes there), or with --run the "
                                                "report's folder")
@@ -175,6 +178,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from training.stages import rank_stage
 
         rank_stage(args.out, args.stage)
+        return 0
+    if args.command == "export-openvino":
+        from aisight import ov_backend
+        from aisight.artifact import ArtifactError
+
+        try:
+            info = ov_backend.export_dir(args.model)
+        except (ArtifactError, ImportError) as exc:
+            print(f"python -m training export-openvino: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{Path(args.model) / ov_backend.IR_FILE}: {json.dumps(info)}")
         return 0
     if args.command == "report":
         from training.report import write_run_report, write_selection_report

@@ -8,6 +8,7 @@ from typing import Any
 
 from aisight import LABELS
 from aisight.artifact import MODEL_FILE, write_card
+from aisight.ov_backend import remove_ir
 from aisight.preprocess import INPUT_SHAPE
 from training.models import last_conv_layer
 
@@ -29,6 +30,8 @@ def export_artifact(model, out_dir: str | Path, card: dict[str, Any]) -> Path:
         "params": int(model.count_params()),
         **card,
     }
+    # An OpenVINO IR converted from an earlier model.keras here would be refused anyway (checksum); drop it.
+    remove_ir(out)
     model.save(out / MODEL_FILE)
     write_card(out, full)
     return out

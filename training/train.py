@@ -402,6 +402,18 @@ def train_and_export(
         "notes": cfg.notes,
     }
     export_artifact(model, out_dir, card)
+    _export_openvino(out_dir, arrays["test"][0][:8], log)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(json.dumps({k: metrics[k] for k in ("val", "test")}, indent=1))
     return card
+
+
+def _export_openvino(out_dir: str | Path, check_images, log: Callable[[str], None]) -> None:
+    """Add the OpenVINO IR (the CPU fast path) to the artifact, if OpenVINO is installed here."""
+    from aisight import ov_backend
+
+    if not ov_backend.available():
+        log("OpenVINO not installed: no IR written (the app serves with TensorFlow)")
+        return
+    info = ov_backend.export_dir(out_dir, check_images=check_images)
+    log(f"OpenVINO IR written to {Path(out_dir) / ov_backend.IR_FILE} (largest difference {info['max_abs_diff']:.2g})")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aisight import ov_backend
 from aisight.artifact import DEFAULT_MODEL_DIR
 from aisight.gate import check_fundus
 from aisight.preprocess import open_image, preprocess_path
@@ -87,6 +88,8 @@ def test_bundled_model_answers_real_photos(photos):
     app = create_app({"MODEL_DIR": str(DEFAULT_MODEL_DIR), "MODEL_LOAD": "sync"})
     c = app.test_client()
     assert c.get("/readyz").status_code == 200, c.get("/readyz").get_json()
+    # The bundled artifact carries its OpenVINO IR: `make run` serves through the fast path.
+    assert c.get("/readyz").get_json()["backend"] == ("openvino" if ov_backend.available() else "tensorflow")
     card = app.extensions["aisight"]["predictor"].card
     data = next(d for row in photos if gate_verdict(d := row["file"].read_bytes()).ok)
     r = post(c, data, url="/")
@@ -99,3 +102,15 @@ def test_bundled_model_answers_real_photos(photos):
     assert 'id="show-heatmap"' in html and 'class="heatmap"' in html
     r = post(c, data, url="/api/v1/predict?explain=1")
     assert r.status_code == 200 and r.get_json()["explanation"]["layer"] == (card.get("gradcam_layer") or ANY)
+
+
+@pytest.mark.skipif(not ov_backend.available(), reason="OpenVINO is not installed")
+def test_bundled_openvino_ir_answers_as_the_keras_model(photos):
+    """The committed IR was converted from the committed model.keras and gives its answers on real photos."""
+    from aisight.artifact import load_model
+
+    ir = ov_backend.OpenVINOModel(DEFAULT_MODEL_DIR)  # raises if converted from another model.keras
+    x = np.stack([preprocess_path(row["file"]) for row in photos]).astype(np.float32)
+    expected = load_model(DEFAULT_MODEL_DIR)(x, training=False).numpy()
+    np.testing.assert_allclose(ir(x), expected, atol=1e-5)
+    assert np.ptp(expected[:, 1]) > 0.1  # real photos with different answers

@@ -324,6 +324,7 @@ def test_bundled_model_is_baked_in():
     """The serving images COPY model/: the model file and its card must be there to copy."""
     assert (ROOT / "model" / "model.keras").is_file()
     assert (ROOT / "model" / "model_card.json").is_file()
+    assert (ROOT / "model" / "model.xml").is_file() and (ROOT / "model" / "model.bin").is_file()  # OpenVINO IR
 
 
 def test_dockerignore_keeps_secrets_and_bulk_out():
@@ -342,7 +343,7 @@ def test_dockerignore_keeps_secrets_and_bulk_out():
         "training/x.pyc",
     ):
         assert dockerignored(path, patterns), path
-    for path in ("app.py", "aisight/predictor.py", "model/model.keras", "requirements.txt", "gunicorn.conf.py"):
+    for path in ("app.py", "aisight/predictor.py", "model/model.keras", "model/model.xml", "model/model.bin", "requirements.txt", "gunicorn.conf.py"):
         assert not dockerignored(path, patterns), path
 
 
