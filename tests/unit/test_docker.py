@@ -343,7 +343,9 @@ def test_dockerignore_keeps_secrets_and_bulk_out():
         "training/x.pyc",
     ):
         assert dockerignored(path, patterns), path
-    for path in ("app.py", "aisight/predictor.py", "model/model.keras", "model/model.xml", "model/model.bin", "requirements.txt", "gunicorn.conf.py"):
+    kept = ("app.py", "aisight/predictor.py", "model/model.keras", "model/model.xml", "model/model.bin",
+            "requirements.txt", "gunicorn.conf.py")
+    for path in kept:
         assert not dockerignored(path, patterns), path
 
 
