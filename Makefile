@@ -54,7 +54,7 @@ select: $(VENV)/.runtime
 	$(PY) -m training select --data $(DATA) --out runs/select --aug-healthy 3,1 --aug-diseased 2,1
 
 bench: $(VENV)/.dev
-	$(PY) bench/serve.py
+	$(PY) bench/serve.py --model model
 
 bench-train: $(VENV)/.dev
 	$(PY) bench/train_throughput.py
