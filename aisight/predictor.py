@@ -146,19 +146,12 @@ class Predictor:
             if not (self.freeze == "sync" and self._try_freeze()):
                 # background: only batch 1 before ready (cold start); the frozen graph that takes over
                 # seconds later is warmed on every size. off: every size now, the traced function stays.
-                for size in self._buckets[:1] if self.freeze == "background" else self._buckets:
-                    warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
-                    if not np.all(np.isfinite(warm)):
-                        raise ArtifactError("warm-up prediction is not finite")
+                self._warm(self._buckets[:1] if self.freeze == "background" else self._buckets)
         except Exception as exc:  # any failure leaves the process serving, but not ready
             self.state, self.error = "failed", str(exc)
             log.error("model load failed from %s: %s", self.model_dir, exc)
             return self
-        if self.max_batch > 1:
-            self._batcher = MicroBatcher(self._run, max_batch=self.max_batch, max_wait=self.max_wait_ms / 1000)
-        end = time.perf_counter()
-        self.load_seconds = end - start
-        self.state = "ready"
+        end = self._become_ready(start)
         log.info(
             "model %s %s ready on %s (%s, batches up to %d, wait %.1f ms) in %.2fs: import %.2fs, model %.2fs, "
             "trace + warm-up %.2fs", card["name"], card["version"], self.device, self.precision,
@@ -206,15 +199,8 @@ class Predictor:
         self.backend, self.graph, self._infer = "openvino", "openvino", model
         self._buckets = _buckets(self.max_batch)
         t_model = time.perf_counter()
-        for size in self._buckets:  # each shape's first call builds its kernels: cheap here, so all of them
-            warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
-            if not np.all(np.isfinite(warm)):
-                raise ArtifactError("warm-up prediction is not finite")
-        if self.max_batch > 1:
-            self._batcher = MicroBatcher(self._run, max_batch=self.max_batch, max_wait=self.max_wait_ms / 1000)
-        end = time.perf_counter()
-        self.load_seconds = end - start
-        self.state = "ready"
+        self._warm(self._buckets)  # cheap with OpenVINO, so every size before ready
+        end = self._become_ready(start)
         log.info(
             "model %s %s ready on cpu with OpenVINO %s (%s, %d threads, batches up to %d, wait %.1f ms) in %.2fs: "
             "card %.2fs, IR %.2fs, warm-up %.2fs", card["name"], card["version"], model.version.split("-")[0],
@@ -222,6 +208,22 @@ class Predictor:
             t_model - t_import, end - t_model,
         )
         return True
+
+    def _warm(self, sizes) -> None:
+        """Run each batch size once (a shape's first call builds its kernels); refuse a non-finite answer."""
+        for size in sizes:
+            warm = self._run(np.zeros((size, *INPUT_SHAPE), np.uint8))
+            if not np.all(np.isfinite(warm)):
+                raise ArtifactError("warm-up prediction is not finite")
+
+    def _become_ready(self, start: float) -> float:
+        """Start the micro-batcher and turn ready; return the time, for the log line."""
+        if self.max_batch > 1:
+            self._batcher = MicroBatcher(self._run, max_batch=self.max_batch, max_wait=self.max_wait_ms / 1000)
+        end = time.perf_counter()
+        self.load_seconds = end - start
+        self.state = "ready"
+        return end
 
     def explain_model(self):
         """The Keras model (what Grad-CAM differentiates); with OpenVINO serving, loaded on first use.
