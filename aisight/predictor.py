@@ -4,8 +4,10 @@ Single-image predictions from concurrent request threads are micro-batched (aisi
 model call answers every image that arrives within a few milliseconds of the first, which is several
 times the throughput of one call per image on a CPU and far more on a GPU. Settings, from the
 environment unless given: AISIGHT_BATCH_MAX (largest batch, 8; 1 turns batching off),
-AISIGHT_BATCH_WAIT_MS (longest wait for company, 3 ms), AISIGHT_PRECISION (float32, or bf16 where the
-hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs), AISIGHT_FREEZE (background, sync or off).
+AISIGHT_BATCH_WAIT_MS (longest wait for company, 3 ms), AISIGHT_PRECISION (float32; bf16 where the
+hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs; auto, the default: bf16 where native and
+the model card records a bf16 check on the test split within 1 point, else float32), AISIGHT_FREEZE
+(background, sync or off).
 
 The fast path is a frozen graph: the traced forward pass with the weights as constants, which lets
 TensorFlow fold batch-norm into the convolutions and oneDNN keep its re-laid-out weights instead of
@@ -39,7 +41,9 @@ from aisight.preprocess import INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("auto", "float32", "bf16")
+# The most a reduced precision may move the test split's accuracy (points) to be used without being asked.
+BF16_MAX_ACCURACY_CHANGE = 1.0
 FREEZE_MODES = ("background", "sync", "off")
 BACKENDS = ("auto", "openvino", "tensorflow")
 DEFAULT_MAX_BATCH = 8
@@ -78,10 +82,11 @@ class Predictor:
             raise ValueError(f"AISIGHT_BATCH_MAX must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ValueError(f"AISIGHT_BATCH_WAIT_MS must be >= 0, got {self.max_wait_ms}")
-        precision = (precision or os.environ.get("AISIGHT_PRECISION") or "float32").strip().lower()
+        precision = (precision or os.environ.get("AISIGHT_PRECISION") or "auto").strip().lower()
         if precision not in PRECISIONS:
             raise ValueError(f"AISIGHT_PRECISION must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision  # what the model computes in once loaded (bf16 falls back where not native)
+        # Asked for; once loaded, what the model computes in: "float32" or "bf16" (see _resolve_precision).
+        self.precision = precision
         freeze = (freeze or os.environ.get("AISIGHT_FREEZE") or "background").strip().lower()
         if freeze not in FREEZE_MODES:
             raise ValueError(f"AISIGHT_FREEZE must be one of {FREEZE_MODES}, got {freeze!r}")
@@ -128,9 +133,7 @@ class Predictor:
             with _without_pyplot():  # the first TensorFlow/Keras import in a serving process
                 self.device = _device_name()
             t_import = time.perf_counter()
-            if self.precision == "bf16" and not _bf16_native(self.device):
-                log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
-                self.precision = "float32"
+            self.precision = self._resolve_precision(card, self.device)
             model = _load_bf16(self.model_dir) if self.precision == "bf16" else load_model(self.model_dir)
             shape = tuple(model.input_shape[1:])
             if shape != INPUT_SHAPE:
@@ -183,10 +186,7 @@ class Predictor:
             if why:
                 log.info("serving with TensorFlow: %s", why)
                 return False
-        precision = self.precision
-        if precision == "bf16" and not _bf16_native("cpu"):
-            log.warning("AISIGHT_PRECISION=bf16 ignored: this CPU has no native bf16 (AMX/AVX512-BF16); float32")
-            precision = "float32"
+        precision = self._resolve_precision(card, "cpu")
         t_import = time.perf_counter()
         try:
             model = ov_backend.OpenVINOModel(self.model_dir, precision, ov_backend.infer_threads())
@@ -208,6 +208,25 @@ class Predictor:
             t_model - t_import, end - t_model,
         )
         return True
+
+    def _resolve_precision(self, card: dict[str, Any], device: str) -> str:
+        """float32 or bf16 for this model on ``device``, from the setting, the hardware and the card.
+
+        ``bf16`` is used where the hardware computes it natively; ``auto`` (the default) also needs the
+        model card to record a bf16 check on the test split within BF16_MAX_ACCURACY_CHANGE points
+        (``bench/precision.py --write-card`` measures and records it).
+        """
+        if self.precision == "float32":
+            return "float32"
+        if not _bf16_native(device):
+            if self.precision == "bf16":
+                log.warning("AISIGHT_PRECISION=bf16 ignored: %s has no native bf16 (AMX/AVX512-BF16); float32", device)
+            return "float32"
+        if self.precision == "bf16":
+            return "bf16"
+        ok, why = bf16_checked(card)
+        log.info("precision auto: %s (%s)", "bf16" if ok else "float32", why)
+        return "bf16" if ok else "float32"
 
     def _warm(self, sizes) -> None:
         """Run each batch size once (a shape's first call builds its kernels); refuse a non-finite answer."""
@@ -504,6 +523,21 @@ def _bf16_native(device: str) -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_checked(card: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the card records a bf16 check within BF16_MAX_ACCURACY_CHANGE points, and why (for the log)."""
+    check = (card.get("precision_check") or {}).get("bf16")
+    if not isinstance(check, dict):
+        return False, "the model card records no bf16 accuracy check"
+    try:
+        change = float(check["accuracy_change_points"])
+    except (KeyError, TypeError, ValueError):
+        return False, "the model card's bf16 check has no accuracy change"
+    if not abs(change) < BF16_MAX_ACCURACY_CHANGE:
+        return False, f"bf16 moved test accuracy by {change:+.2f} points (limit {BF16_MAX_ACCURACY_CHANGE:g})"
+    return True, (f"bf16 checked on {check.get('n', '?')} test photos: accuracy {change:+.2f} points, "
+                  f"{check.get('answers_changed', '?')} answers changed")
 
 
 def _nvidia_gpu_present() -> bool:

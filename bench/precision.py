@@ -6,7 +6,11 @@ model card's threshold: OpenVINO float32 (the default), OpenVINO bf16 (``AISIGHT
 TensorFlow's frozen graph in float32 and bf16 (``AISIGHT_BACKEND=tensorflow``). A reduced-precision path
 is acceptable for serving only if accuracy moves by less than 1 point; the script says whether it does.
 
-    PYTHONPATH=. .venv/bin/python bench/precision.py [--model model] [--split runs/bundled/split/test.csv]
+    PYTHONPATH=. .venv/bin/python bench/precision.py [--model model] [--split SPLIT.csv] [--write-card]
+
+``--write-card`` records the bf16 result (the worst bf16 path) in the model card as ``precision_check``;
+the app's default ``AISIGHT_PRECISION=auto`` serves bf16 only for a model whose card records a change
+within the limit.
 """
 
 from __future__ import annotations
@@ -108,11 +112,38 @@ def markdown(res: dict, model: str, split: str) -> str:
     return "\n".join(rows)
 
 
+def bf16_record(res: dict, split: Path) -> dict | None:
+    """The model card's ``precision_check.bf16``: the worst of the bf16 paths against the reference."""
+    import datetime as dt
+
+    paths = {name: r for name, r in res["paths"].items() if "bf16" in name}
+    if not paths:
+        return None
+    worst = max(paths.values(), key=lambda r: abs(r["delta_points"]["accuracy"]))
+    try:
+        where = str(split.resolve().relative_to(ROOT))
+    except ValueError:
+        where = str(split)
+    return {
+        "accuracy_change_points": round(worst["delta_points"]["accuracy"], 3),
+        "auc_change_points": round(max((r["delta_points"]["auc"] for r in paths.values()), key=abs), 3),
+        "answers_changed": max(r["label_flips"] for r in paths.values()),
+        "max_abs_prob_change": round(max(r["max_abs_prob_diff"] for r in paths.values()), 4),
+        "n": res["n"],
+        "split": where,
+        "paths": sorted(paths),
+        "reference": res["reference"],
+        "measured": dt.date.today().isoformat(),
+        "by": "bench/precision.py",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model artifact folder")
     ap.add_argument("--split", default=str(DEFAULT_SPLIT), help="the test part of the model's split (CSV)")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--write-card", action="store_true", help="record the bf16 check in the model card")
     args = ap.parse_args(argv)
     split = Path(args.split)
     if not split.is_file():
@@ -136,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     print(markdown(res, f"{card['name']} {card['version']} ({card['architecture']})", str(split)))
+    if args.write_card:
+        record = bf16_record(res, split)
+        if record is None:
+            print("no bf16 path ran: the model card is left as it is", file=sys.stderr)
+        else:
+            from aisight.artifact import read_card, write_card
+
+            full = read_card(args.model)
+            full.setdefault("precision_check", {})["bf16"] = record
+            write_card(args.model, full)
+            print(f"\nRecorded in {Path(args.model) / 'model_card.json'}: {json.dumps(record)}")
     return 0 if all(r["within_limit"] for r in res["paths"].values()) else 1
 
 

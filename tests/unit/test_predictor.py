@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aisight.predictor import ModelNotReady, Predictor, _bf16_native
+from aisight.predictor import ModelNotReady, Predictor, _bf16_native, bf16_checked
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_settings_come_from_the_environment(monkeypatch):
     for name in ("AISIGHT_BATCH_MAX", "AISIGHT_BATCH_WAIT_MS", "AISIGHT_PRECISION", "AISIGHT_FREEZE"):
         monkeypatch.delenv(name)
     p = Predictor("nowhere")
-    assert (p.max_batch, p.max_wait_ms, p.precision, p.freeze) == (8, 3.0, "float32", "background")
+    assert (p.max_batch, p.max_wait_ms, p.precision, p.freeze) == (8, 3.0, "auto", "background")
 
 
 @pytest.mark.parametrize(
@@ -255,3 +255,36 @@ def test_pyplot_block_is_a_no_op_once_keras_is_loaded():
     before = sys.modules.get("matplotlib.pyplot")
     with _without_pyplot():
         assert sys.modules.get("matplotlib.pyplot") is before
+
+
+def test_bf16_checked_reads_the_cards_record():
+    assert bf16_checked({})[0] is False
+    assert bf16_checked({"precision_check": {"bf16": {"auc_change_points": 0.1}}})[0] is False
+    ok, why = bf16_checked({"precision_check": {"bf16": {"accuracy_change_points": -0.4, "n": 465}}})
+    assert ok and "-0.40 points" in why and "465" in why
+    ok, why = bf16_checked({"precision_check": {"bf16": {"accuracy_change_points": 1.5}}})
+    assert not ok and "+1.50 points" in why
+
+
+def test_auto_precision_needs_the_cards_bf16_check(model_dir: Path, tmp_path: Path):
+    import shutil
+
+    from aisight.artifact import read_card, write_card
+    from aisight.preprocess import preprocess_bytes
+    from tests.conftest import fundus_jpeg
+
+    images = np.stack([preprocess_bytes(fundus_jpeg(diseased=bool(i % 2), seed=i)) for i in range(6)])
+    unchecked = Predictor(model_dir, max_batch=1, freeze="off").load()
+    assert unchecked.ready and unchecked.precision == "float32"  # the card records no check
+    checked_dir = tmp_path / "model"
+    shutil.copytree(model_dir, checked_dir)
+    card = read_card(checked_dir)
+    card["precision_check"] = {"bf16": {"accuracy_change_points": 0.0, "answers_changed": 0, "n": 16}}
+    write_card(checked_dir, card)
+    checked = Predictor(checked_dir, max_batch=1, freeze="off").load()
+    assert checked.ready
+    assert checked.precision == ("bf16" if _bf16_native(checked.device) else "float32")
+    forced = Predictor(checked_dir, max_batch=1, freeze="off", precision="float32").load()
+    assert forced.precision == "float32"
+    diff = np.abs(checked.predict(images) - unchecked.predict(images)).max()
+    assert diff < 0.05 and (diff > 0) == (checked.precision == "bf16")
