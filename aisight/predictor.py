@@ -111,6 +111,7 @@ class Predictor:
         self._buckets: tuple[int, ...] = _buckets(self.max_batch)
         self._lock = threading.Lock()
         self._keras_lock = threading.Lock()
+        self._explain_error: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -256,9 +257,15 @@ class Predictor:
             raise ModelNotReady(self.error or "model is still loading")
         with self._keras_lock:  # one load, however many threads ask at once
             if self.model is None:
+                if self._explain_error is not None:  # failed once: it would fail again, seconds each time
+                    raise ArtifactError(f"the Keras model for explanations did not load: {self._explain_error}")
                 t0 = time.perf_counter()
-                with _without_pyplot():
-                    model = load_model(self.model_dir)
+                try:
+                    with _without_pyplot():
+                        model = load_model(self.model_dir)
+                except Exception as exc:
+                    self._explain_error = str(exc)
+                    raise
                 self.model = model
                 log.info("Keras model loaded for explanations in %.2fs", time.perf_counter() - t0)
         return self.model

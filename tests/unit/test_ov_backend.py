@@ -137,3 +137,22 @@ def test_training_cli_exports_and_a_new_model_drops_the_old_ir(ov_dir: Path, tmp
     export_artifact(model, art, card)  # a retrained model written over the artifact
     assert not ov_backend.has_ir(art)
     assert main(["export-openvino", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_a_keras_model_that_fails_to_load_is_not_retried(ov_dir: Path, monkeypatch):
+    import aisight.predictor as mod
+
+    p = Predictor(ov_dir, max_batch=1).load()
+    assert p.ready and p.backend == "openvino"
+    calls = []
+
+    def broken(model_dir):
+        calls.append(model_dir)
+        raise mod.ArtifactError("model file unreadable")
+
+    monkeypatch.setattr(mod, "load_model", broken)
+    for _ in range(3):
+        with pytest.raises(mod.ArtifactError, match="unreadable"):
+            p.explain_model()
+    assert len(calls) == 1  # answered from the remembered failure, not seconds of loading per request
+    assert p.ready  # predictions go on without explanations
