@@ -273,6 +273,7 @@ class Level:
     p99_ms: float = float("nan")
     statuses: dict[str, int] = field(default_factory=dict)
     capped: bool = False
+    steal_pct: float = float("nan")  # CPU time the hypervisor gave to other guests during the level
 
 
 def drive(port: int, bodies: list[bytes], concurrency: int, n_requests: int, time_cap: float) -> tuple:
@@ -325,18 +326,35 @@ def measure(server: Server, photos: str, bodies: list[bytes], concurrency: int, 
             time_cap: float) -> Level:
     """Warm the server at this concurrency, then measure it."""
     drive(server.port, bodies, concurrency, 2 * concurrency, time_cap)
+    steal0 = steal_seconds()
     seconds, lat, statuses, capped = drive(server.port, bodies, concurrency, n_requests, time_cap)
+    steal1 = steal_seconds()
     done = sum(statuses.values())
     lv = Level(server.name, photos, concurrency, done, done - statuses.get("200", 0), seconds,
                statuses=statuses, capped=capped)
+    if steal0 is not None and steal1 is not None and seconds:
+        lv.steal_pct = 100 * (steal1 - steal0) / (seconds * (os.cpu_count() or 1))
     lv.rps = done / seconds if seconds else 0.0
     if lat:
         lv.p50_ms = 1000 * float(np.percentile(lat, 50))
         lv.p99_ms = 1000 * float(np.percentile(lat, 99))
     print(f"  {server.name:>12} {photos:>6} c={concurrency}: {lv.rps:6.2f} req/s  p50 {lv.p50_ms:7.0f} ms  "
-          f"p99 {lv.p99_ms:7.0f} ms  errors {lv.errors}{'  (time cap)' if capped else ''}", file=sys.stderr,
-          flush=True)
+          f"p99 {lv.p99_ms:7.0f} ms  errors {lv.errors}  steal {lv.steal_pct:4.1f}%{'  (time cap)' if capped else ''}",
+          file=sys.stderr, flush=True)
     return lv
+
+
+def steal_seconds() -> float | None:
+    """CPU seconds stolen from this VM by its hypervisor so far (all CPUs; /proc/stat), or None.
+
+    A noisy neighbour on the host slows every server; the bench reports it per level so a slow run
+    can be told apart from a slow server.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # --- Reports ----------------------------------------------------------------------------------------
@@ -346,8 +364,9 @@ def table(levels: list[Level]) -> str:
     """Markdown: one row per photo kind, concurrency and server, with the speed-up over the baseline."""
     base = {(lv.photos, lv.concurrency): lv for lv in levels if lv.server == "baseline"}
     lines = [
-        "| photos | concurrency | server | req/s | p50 ms | p99 ms | p99/p50 | errors | req/s vs baseline |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| photos | concurrency | server | req/s | p50 ms | p99 ms | p99/p50 | errors | req/s vs baseline "
+        "| CPU stolen |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = sorted(levels, key=lambda lv: (lv.photos != "400px", lv.concurrency, lv.server == "baseline", lv.server))
     for lv in order:
@@ -356,7 +375,7 @@ def table(levels: list[Level]) -> str:
         ratio = lv.p99_ms / lv.p50_ms if lv.p50_ms else float("nan")
         lines.append(
             f"| {lv.photos} | {lv.concurrency} | {lv.server} | {lv.rps:.2f} | {lv.p50_ms:.0f} | {lv.p99_ms:.0f} "
-            f"| {ratio:.1f} | {lv.errors} | {speed} |"
+            f"| {ratio:.1f} | {lv.errors} | {speed} | {lv.steal_pct:.1f}% |"
         )
     return "\n".join(lines)
 
