@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,24 @@ def fundus_jpeg(diseased: bool = False, size: int = 400, seed: int = 0, quality:
     buf = io.BytesIO()
     make_fundus(np.random.default_rng(seed), diseased, size=size).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def run_at_once(call: Callable[[int], None], n: int, timeout: float | None = 30.0) -> None:
+    """Run ``call(0)`` .. ``call(n - 1)`` in n threads released together.
+
+    Waits up to ``timeout`` seconds for each thread (None: as long as it takes).
+    """
+    barrier = threading.Barrier(n)
+
+    def target(i: int) -> None:
+        barrier.wait()
+        call(i)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 @pytest.fixture

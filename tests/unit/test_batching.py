@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aisight.batching import BatcherClosed, MicroBatcher
+from tests.conftest import run_at_once
 
 
 def first_pixel(batch: np.ndarray) -> np.ndarray:
@@ -47,17 +48,11 @@ def wait_queued(batcher: MicroBatcher, n: int) -> None:
 def test_concurrent_callers_get_their_own_results():
     batcher = MicroBatcher(first_pixel, max_batch=8, max_wait=0.05)
     results: dict[int, float] = {}
-    barrier = threading.Barrier(24)
 
     def call(i: int) -> None:
-        barrier.wait()
         results[i] = batcher.submit(image(i), timeout=10)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_at_once(call, 24, timeout=10)
     batcher.close()
     assert results == {i: float(i) for i in range(24)}
     assert sum(size * n for size, n in batcher.batch_sizes.items()) == 24

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aisight.predictor import ModelNotReady, Predictor, _bf16_native, bf16_checked
+from tests.conftest import run_at_once
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +39,11 @@ def test_loads_ready_with_its_settings(predictor: Predictor):
 def test_concurrent_single_images_get_their_own_unbatched_answer(predictor: Predictor, images: np.ndarray):
     expected = [float(predictor.predict(img[None])[0]) for img in images]
     got: dict[int, float] = {}
-    barrier = threading.Barrier(len(images))
 
     def call(i: int) -> None:
-        barrier.wait()
         got[i] = predictor.predict_one(images[i])
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(images))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    run_at_once(call, len(images))
     assert sorted(got) == list(range(len(images)))
     np.testing.assert_allclose([got[i] for i in range(len(images))], expected, atol=1e-5)
     assert all(isinstance(v, float) for v in got.values())
@@ -127,20 +121,14 @@ def test_a_model_error_reaches_every_waiting_caller(model_dir: Path, images: np.
 
     p._infer = broken
     errors: list[Exception] = []
-    barrier = threading.Barrier(6)
 
     def call(i: int) -> None:
-        barrier.wait()
         try:
             p.predict_one(images[i])
         except RuntimeError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    run_at_once(call, 6)
     p.close()
     assert len(errors) == 6 and all("device lost" in str(e) for e in errors)
 

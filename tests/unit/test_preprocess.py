@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import time
 import zlib
 
@@ -14,7 +13,7 @@ from PIL import Image
 
 from aisight import preprocess as pp
 from aisight.preprocess import IMAGE_SIZE, ImageError, open_image, preprocess_bytes, preprocess_path, to_rgb
-from tests.conftest import fundus_jpeg
+from tests.conftest import fundus_jpeg, run_at_once
 
 SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 # Pillow warns between 1 and 2 x MAX_PIXELS; the app silences that once at import, pytest resets filters.
@@ -341,11 +340,7 @@ def test_concurrent_use_is_safe():
         except BaseException as exc:  # collected for the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_at_once(lambda _: work(), 4, timeout=None)
     assert not errors
 
 
