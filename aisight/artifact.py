@@ -35,6 +35,11 @@ def read_card(model_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"model card {path}: threshold must be a number in [0, 1], got {threshold!r}")
     if list(card["labels"]) != ["healthy", "diseased"]:
         raise ArtifactError(f"model card {path}: labels must be ['healthy', 'diseased']")
+    from aisight.preprocess import PREPROCESSING
+
+    if card.get("preprocessing", "resize") not in PREPROCESSING:
+        raise ArtifactError(f"model card {path}: unknown preprocessing {card['preprocessing']!r} "
+                            f"(this app knows {', '.join(PREPROCESSING)})")
     return card
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from aisight.artifact import ArtifactError, load_model, read_card
 from aisight.batching import BatcherClosed, MicroBatcher
-from aisight.preprocess import INPUT_SHAPE
+from aisight.preprocess import DEFAULT_PREPROCESSING, INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,11 @@ class Predictor:
         if self.card is None:
             raise ModelNotReady(self.error or "model not loaded")
         return float(self.card["threshold"])
+
+    @property
+    def preprocessing(self) -> str:
+        """How a photo becomes this model's input (the card's ``preprocessing``; ``resize`` for 1.0.0)."""
+        return (self.card or {}).get("preprocessing", DEFAULT_PREPROCESSING)
 
     def load(self) -> Predictor:
         """Load card and model, compile the inference step and warm it up; never raises."""

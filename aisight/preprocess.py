@@ -174,11 +174,37 @@ def resize(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return arr
 
 
-def preprocess_bytes(data: bytes, *, draft: bool = True) -> np.ndarray:
-    """Return the model input (128x128x3 uint8 RGB) for an uploaded file's bytes."""
-    return resize(open_image(data, draft=draft))
+# How a decoded photo becomes the model's input. A model card names its own ("preprocessing"); cards
+# without the key (model 1.0.0) were trained on the plain resize.
+#   resize     the paper's: the whole photo squeezed to 128x128 (aspect not kept)
+#   fundus-v2  crop to the fundus field, per-channel local contrast (aisight.fundus): camera-invariant
+PREPROCESSING = ("resize", "fundus-v2")
+DEFAULT_PREPROCESSING = "resize"
 
 
-def preprocess_path(path: str | Path, *, draft: bool = True) -> np.ndarray:
+def check_preprocessing(name: str) -> str:
+    """Return ``name`` if it is a known preprocessing, else raise ValueError naming the known ones."""
+    if name not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {name!r}; known: {', '.join(PREPROCESSING)}")
+    return name
+
+
+def model_input(img: Image.Image, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Return the model input (128x128x3 uint8) of a decoded upright RGB photo."""
+    if check_preprocessing(preprocessing) == "resize":
+        return resize(img)
+    from aisight.fundus import fundus_input
+
+    return fundus_input(img)[0]
+
+
+def preprocess_bytes(data: bytes, *, draft: bool = True, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Return the model input (128x128x3 uint8) for an uploaded file's bytes."""
+    return model_input(open_image(data, draft=draft), preprocessing)
+
+
+def preprocess_path(
+    path: str | Path, *, draft: bool = True, preprocessing: str = DEFAULT_PREPROCESSING
+) -> np.ndarray:
     """Return the model input for an image file; what training uses, so it matches serving exactly."""
-    return preprocess_bytes(Path(path).read_bytes(), draft=draft)
+    return preprocess_bytes(Path(path).read_bytes(), draft=draft, preprocessing=preprocessing)

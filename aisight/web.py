@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from aisight import explain
 from aisight.artifact import card_summary
+from aisight.fundus import crop_relative, fundus_input
 from aisight.gate import check_fundus
 from aisight.predictor import ModelNotReady, Predictor
 from aisight.preprocess import SUPPORTED_FORMATS, ImageError, open_image, resize
@@ -129,8 +130,11 @@ class Screening:
     card: dict[str, Any]
     decode_seconds: float
     predict_seconds: float
-    photo: Image.Image = field(repr=False)  # the upload as decoded for the model (upright RGB)
+    photo: Image.Image = field(repr=False)  # what the model looked at: the upload (upright RGB), or its field crop
     model_input: np.ndarray = field(repr=False)  # the 128x128x3 array the model classified
+    # The square the model input came from, as fractions of the upload's width and height (fundus-v2
+    # input); the displayed photo is cropped the same way so that the heatmap lies on what it explains.
+    crop: tuple[float, float, float, float] | None = None
 
     @property
     def uncertain(self) -> bool:
@@ -192,7 +196,14 @@ def screen(data: bytes) -> Screening:
             metrics.gate_refusals.labels(v.code).inc()
             raise ApiError(v.code, v.message, 422, hint=v.hint, measures=v.measures)
     t2 = time.perf_counter()
-    arr = resize(img)  # = preprocess_bytes(data), what training's preprocess_path gives, without a second decode
+    # = preprocess_bytes(data, preprocessing=...), what training's preprocess_path gives, without a second decode
+    crop = None
+    if p.preprocessing == "fundus-v2":
+        arr, fld = fundus_input(img)
+        crop = fld.relative(*img.size)
+        img = crop_relative(img, crop)
+    else:
+        arr = resize(img)
     t3 = time.perf_counter()
     probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
     t4 = time.perf_counter()
@@ -202,7 +213,7 @@ def screen(data: bytes) -> Screening:
     metrics.stage.labels("decode").observe(decode)
     metrics.stage.labels("predict").observe(t4 - t3)
     metrics.predictions.labels(label).inc()
-    return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr)
+    return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr, crop)
 
 
 def heatmap(s: Screening) -> np.ndarray | None:
@@ -259,10 +270,15 @@ def api_answer(s: Screening) -> dict[str, Any]:
     return body
 
 
-def display_image(data: bytes, max_side: int = DISPLAY_MAX_SIDE) -> tuple[str, int, int]:
-    """Return the upload, upright and downscaled, as a JPEG data: URL plus its width and height."""
+def display_image(
+    data: bytes, max_side: int = DISPLAY_MAX_SIDE, crop: tuple[float, float, float, float] | None = None
+) -> tuple[str, int, int]:
+    """Return the upload, upright and downscaled (and cropped as the model's input was), as a JPEG data:
+    URL plus its width and height."""
     # Draft to at least half the display size: a 12 MP JPEG then decodes at 1/4 scale (1000x750), not 1/2.
     img = open_image(data, draft_size=(max_side // 2, max_side // 2))
+    if crop is not None:
+        img = crop_relative(img, crop)
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -352,7 +368,7 @@ def submit() -> str:
     """The upload form's target: the result page (works without JavaScript)."""
     data = read_upload()
     s = screen(data)
-    photo, width, height = display_image(data)
+    photo, width, height = display_image(data, crop=s.crop)
     return render_template(
         "result.html",
         s=s,

@@ -4,6 +4,8 @@
   select  the paper's model selection: Stage 1 over the bases, Stage 2 over optimizers x losses
   rank    rank the finished candidates of a stage with the paper's score (OUT/stage<S>.csv)
   report  Markdown report with PNG plots, of a selection (--out) or of one train run (--run)
+  compare train a (small) network on one split, per-task validation AUC every epoch; --leave-out S
+  evaluate  metrics of a model artifact per task, source and class, with a shortcut probe
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 
-from training.train import TrainConfig
+from training.config import TrainConfig
 
 
 def default_cache() -> str:
@@ -66,9 +68,10 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def _add_data_options(p: argparse.ArgumentParser, recipe_default: str | None) -> None:
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, action="append",
                    help="folder (manifest.csv or class-per-folder), manifest CSV, or KIND=PATH,... "
-                        "(eyepacs=trainLabels.csv, origa=labels.csv, manifest=..., folder=...)")
+                        "(eyepacs=trainLabels.csv, origa=labels.csv, manifest=..., folder=...); several "
+                        "folders: repeat --data or join with commas (patients are grouped across folders)")
     p.add_argument("--cache", default=None, help="cache of decoded 128x128 arrays (default .cache/arrays)")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig options")
     p.add_argument("--protocol", choices=("leakfree", "paper"), default="leakfree",
@@ -106,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration and export the serving artifact + model card")
     _add_data_options(p, recipe_default=None)
     p.add_argument("--out", required=True, help="folder for model.keras + model_card.json")
-    p.add_argument("--run-dir", default=None, help="folder for split lists, history, predictions (default runs/<name>)")
+    p.add_argument("--run-dir", default=None, help="folder for split lists, history, predictions, checkpoint/ "
+                                                   "(default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from RUN_DIR/checkpoint")
     _add_config_options(p)
 
     p = sub.add_parser("select", help="Stage 1 over the bases, then Stage 2 on the winner (resumable)")
@@ -123,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-arch", default="Xception", help="architecture of the baseline (Xception)")
     # --arch makes no sense here (--archs); every other TrainConfig field overrides the Stage defaults.
     _add_config_options(p, skip=("arch",))
+
+    p = sub.add_parser("compare", help="train on one patient split and write per-task validation AUCs "
+                                       "(method comparisons with a small network; --leave-out for a new source)")
+    _add_data_options(p, recipe_default=None)
+    p.add_argument("--out", required=True, help="folder for result.json, history.csv, checkpoint/")
+    p.add_argument("--leave-out", default=None, help="train without this source; evaluate on all of its photos")
+    p.add_argument("--train-sources", default=None, help="train on these sources only (A,B)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a stop")
+    _add_config_options(p)
+
+    p = sub.add_parser("evaluate", help="per-task, per-source and per-class metrics of a model artifact on photos "
+                                        "of patients it did not train on (Markdown + JSON)")
+    p.add_argument("--model", default="model", help="artifact folder (default: model)")
+    p.add_argument("--data", required=True, action="append", help="data folders (repeat or join with commas)")
+    p.add_argument("--out", required=True, help="folder for evaluation.md, evaluation.json, predictions.npz")
+    p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
+    p.add_argument("--all-photos", action="store_true",
+                   help="also photos of patients the model trained on (not a fair measure; for inspection)")
 
     p = sub.add_parser("rank", help="rank the finished candidates of a stage and write OUT/stage<S>.csv")
     p.add_argument("--out", required=True)
@@ -151,13 +174,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if isinstance(getattr(args, "data", None), list):  # --data given once or more: one comma-joined spec
+        args.data = ",".join(args.data)
     if args.command == "train":
         from training.train import train_and_export
 
         cfg = config_from_args(args)
         run_dir = args.run_dir or f"runs/{cfg.name}-{cfg.arch.lower()}"
         train_and_export(cfg, args.data, args.out, run_dir, cache_dir=args.cache or default_cache(),
-                         protocol=args.protocol, recipe=recipe_from_args(args), limit=args.limit)
+                         protocol=args.protocol, recipe=recipe_from_args(args), limit=args.limit,
+                         resume=args.resume)
+        return 0
+    if args.command == "compare":
+        from training.proxy import run_comparison
+
+        cfg = config_from_args(args)
+        run_comparison(cfg, args.data, args.out, args.cache or default_cache(), leave_out=args.leave_out,
+                       train_sources=tuple(args.train_sources.split(",")) if args.train_sources else (),
+                       resume=args.resume)
+        return 0
+    if args.command == "evaluate":
+        from training.evaluate import evaluate_model
+
+        evaluate_model(args.model, args.data, args.out, args.cache or default_cache(), all_photos=args.all_photos)
         return 0
     if args.command == "select":
         from training.stages import STAGE2_LOSSES, STAGE2_OPTIMIZERS, Selection, parse_list, select, stage_defaults

@@ -12,7 +12,7 @@ from training.synthetic import make_fundus
 from training.train import recalibrate_bn
 
 
-def synthetic_arrays(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_arrays(n_per_class: int, seed: int = 0, preprocessing: str = "resize") -> tuple[np.ndarray, np.ndarray]:
     """Return (images, labels) of generated fundus photos, preprocessed as the app does."""
     import io
 
@@ -24,7 +24,7 @@ def synthetic_arrays(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.nd
         diseased = i % 2 == 1
         buf = io.BytesIO()
         make_fundus(rng, diseased, size=256).save(buf, format="JPEG", quality=92)
-        xs.append(preprocess_bytes(buf.getvalue()))
+        xs.append(preprocess_bytes(buf.getvalue(), preprocessing=preprocessing))
         ys.append(int(diseased))
     return np.stack(xs), np.array(ys)
 
@@ -35,12 +35,13 @@ def build_synthetic_model(
     n_per_class: int = 48,
     epochs: int = 6,
     seed: int = 0,
+    preprocessing: str = "resize",
 ) -> Path:
     """Train ``arch`` from scratch on generated photos and export it with an honest model card."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    x, y = synthetic_arrays(n_per_class, seed)
+    x, y = synthetic_arrays(n_per_class, seed, preprocessing)
     model = build_model(arch, weights="none", head="gap", trainable="all", bn_momentum=0.9)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["accuracy"])
     model.fit(x.astype("float32"), keras.utils.to_categorical(y, 2), batch_size=16, epochs=epochs, verbose=0)
@@ -54,6 +55,7 @@ def build_synthetic_model(
         "optimizer": "adam",
         "loss": "mse",
         "threshold": 0.5,
+        "preprocessing": preprocessing,
         "training": {
             "data": "generated images (training.synthetic), not real fundus photographs",
             "data_summary": "generated images only: a demonstration model, not for screening",

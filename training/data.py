@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aisight.preprocess import INPUT_SHAPE, ImageError, preprocess_path
+from aisight.preprocess import DEFAULT_PREPROCESSING, INPUT_SHAPE, ImageError, check_preprocessing, preprocess_path
 
 LABELS = ("healthy", "diseased")
 # Original class names (as folders or label values) mapped to the two labels of the task.
@@ -49,6 +49,7 @@ class Sample:
     patient_id: str
     source: str = ""
     original_label: str = ""
+    folder: str = ""  # the data folder it was listed in (e.g. eyepacs-256): tasks are defined per folder
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _check(ds: Dataset, where: Path) -> Dataset:
     return ds
 
 
-def load_manifest(path: str | Path, root: str | Path | None = None) -> Dataset:
+def load_manifest(path: str | Path, root: str | Path | None = None, check: bool = True) -> Dataset:
     """Load ``path,label[,patient_id,source,original_label]`` CSV; paths relative to its folder."""
     path = Path(path)
     root = Path(root) if root else path.parent
@@ -102,9 +103,11 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Dataset:
                     patient_id=row.get("patient_id") or file.stem,
                     source=row.get("source") or "",
                     original_label=row.get("original_label") or row["label"],
+                    folder=root.name,
                 )
             )
-    return _check(Dataset(samples, skipped), path)
+    ds = Dataset(samples, skipped)
+    return _check(ds, path) if check else ds
 
 
 def load_folders(root: str | Path) -> Dataset:
@@ -177,38 +180,48 @@ def load_origa(labels_csv: str | Path, image_dir: str | Path | None = None) -> D
     return _check(Dataset(samples, skipped), labels_csv)
 
 
-def load_dataset(path: str | Path) -> Dataset:
-    """Load a folder (with manifest.csv if present, else class-per-folder) or a manifest CSV."""
+def load_dataset(path: str | Path, check: bool = True) -> Dataset:
+    """Load a folder (with manifest.csv if present, else class-per-folder) or a manifest CSV.
+
+    ``check=False`` accepts a folder with one class only (joined with others by ``load_sources``).
+    """
     path = Path(path)
     if path.is_file():
-        return load_manifest(path)
+        return load_manifest(path, check=check)
     if (path / "manifest.csv").is_file():
-        return load_manifest(path / "manifest.csv")
+        return load_manifest(path / "manifest.csv", check=check)
     return load_folders(path)
 
 
-def load_sources(spec: str | Path) -> Dataset:
-    """Load one data set or several joined: ``PATH`` or ``KIND=PATH[:IMAGES],...``.
+def load_sources(spec: str | Path | Sequence[str | Path]) -> Dataset:
+    """Load one data set or several joined: ``PATH``, ``PATH,PATH,...`` or ``KIND=PATH[:IMAGES],...``.
 
-    KIND is ``eyepacs`` (trainLabels.csv, images in IMAGES or ./train), ``origa`` (labels CSV, images in
-    IMAGES or ./images), ``manifest`` (CSV) or ``folder`` (class-per-folder, or a folder with
-    manifest.csv). E.g. ``eyepacs=/d/eyepacs/trainLabels.csv,origa=/d/origa/origa.csv`` is the paper's data.
+    A PATH is a folder (manifest.csv or class-per-folder) or a manifest CSV. KIND is ``eyepacs``
+    (trainLabels.csv, images in IMAGES or ./train), ``origa`` (labels CSV, images in IMAGES or ./images),
+    ``manifest`` (CSV) or ``folder``. E.g. ``eyepacs=/d/eyepacs/trainLabels.csv,origa=/d/origa/origa.csv``
+    is the paper's data; ``../shared/data/fundus-eye4,../shared/data/eyepacs-256`` joins two folders.
+    A list (``--data`` given several times) is joined the same way. Patient ids are kept as the
+    folders give them, so a patient in two folders is one patient to ``split_by_patient``.
     """
-    if Path(spec).exists() or "=" not in str(spec):
-        return load_dataset(spec)
+    parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
+    if len(parts) == 1 and Path(parts[0]).exists():
+        return load_dataset(parts[0])
     loaders = {"eyepacs": load_eyepacs, "origa": load_origa, "manifest": load_manifest, "folder": load_dataset}
     samples: list[Sample] = []
     skipped: list[tuple[str, str]] = []
-    for part in str(spec).split(","):
-        kind, _, rest = part.partition("=")
-        kind = kind.strip().lower()
-        if kind not in loaders or not rest:
-            raise DatasetError(f"bad data spec {part!r}: use KIND=PATH with KIND in {', '.join(loaders)}")
-        path, _, images = rest.partition(":")
-        ds = loaders[kind](path, images) if images and kind in ("eyepacs", "origa") else loaders[kind](path)
+    for part in (item for p in parts for item in p.split(",") if item.strip()):
+        kind, sep, rest = part.partition("=")
+        if not sep:  # a plain path; one class alone is fine when other parts bring the other
+            ds = load_dataset(part.strip(), check=len(parts) == 1 and "," not in parts[0])
+        else:
+            kind = kind.strip().lower()
+            if kind not in loaders or not rest:
+                raise DatasetError(f"bad data spec {part!r}: use PATH or KIND=PATH with KIND in {', '.join(loaders)}")
+            path, _, images = rest.partition(":")
+            ds = loaders[kind](path, images) if images and kind in ("eyepacs", "origa") else loaders[kind](path)
         samples += ds.samples
         skipped += ds.skipped
-    return _check(Dataset(samples, skipped), Path(str(spec)))
+    return _check(Dataset(samples, skipped), Path(",".join(parts)))
 
 
 def split_by_patient(
@@ -247,16 +260,17 @@ def write_split(out_dir: str | Path, parts: dict[str, Sequence[Sample]]) -> None
     for name, samples in parts.items():
         with open(out / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "patient_id", "source", "original_label"])
+            w.writerow(["path", "label", "patient_id", "source", "original_label", "folder"])
             for s in samples:
-                w.writerow([s.path, LABELS[s.label], s.patient_id, s.source, s.original_label])
+                w.writerow([s.path, LABELS[s.label], s.patient_id, s.source, s.original_label, s.folder])
 
 
 def read_split(path: str | Path) -> list[Sample]:
     """Read a part written by ``write_split``."""
     with open(path, newline="") as f:
         return [
-            Sample(r["path"], to_label(r["label"]), r["patient_id"], r["source"], r["original_label"])
+            Sample(r["path"], to_label(r["label"]), r["patient_id"], r["source"], r["original_label"],
+                   r.get("folder") or "")
             for r in csv.DictReader(f)
         ]
 
@@ -266,14 +280,23 @@ def load_arrays(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = False,
+    preprocessing: str = DEFAULT_PREPROCESSING,
+    crops: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[Sample], list[tuple[str, str]]]:
-    """Decode samples to 128x128x3 uint8 with the app's preprocessing, in parallel, with a cache.
+    """Decode samples to 128x128x3 uint8 with the app's ``preprocessing``, in parallel, with a cache.
 
     Returns (images, labels, kept samples, unreadable [(path, reason)]). Unreadable images are listed,
-    not fatal. The cache is one .npy per file keyed by path, size and mtime. ``progress`` shows a bar
+    not fatal. The cache is one .npy per file keyed by path, size, mtime and preprocessing. With
+    ``crops`` (``fundus-v2`` only) the arrays are the field's crop and mask packed as (128, 128, 4)
+    (``training.augment.stack_crop``), the stage that training augments before normalising. ``progress`` shows a bar
     (on a terminal).
     """
     samples = list(samples)
+    check_preprocessing(preprocessing)
+    # The plain resize keeps its old cache keys (caches made before preprocessing had a name stay valid).
+    if crops and preprocessing != "fundus-v2":
+        raise ValueError("crops are cached for the fundus-v2 preprocessing only")
+    tag = ("" if preprocessing == "resize" else f"|{preprocessing}") + ("|crop" if crops else "")
     cache = Path(cache_dir) if cache_dir else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
@@ -282,11 +305,11 @@ def load_arrays(
         key = None
         if cache:
             st = os.stat(s.path)
-            key = cache / (hashlib.sha1(f"{s.path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest() + ".npy")
+            key = cache / (hashlib.sha1(f"{s.path}|{st.st_size}|{st.st_mtime_ns}{tag}".encode()).hexdigest() + ".npy")
             if key.is_file():
                 return np.load(key)
         try:
-            arr = preprocess_path(s.path)
+            arr = _crop_path(s.path) if crops else preprocess_path(s.path, preprocessing=preprocessing)
         except (ImageError, OSError) as exc:
             return str(getattr(exc, "message", exc))
         if key:
@@ -307,5 +330,16 @@ def load_arrays(
         else:
             kept.append(s)
             arrays.append(r)
-    images = np.stack(arrays) if arrays else np.zeros((0, *INPUT_SHAPE), np.uint8)
+    empty = (0, *INPUT_SHAPE[:2], 4 if crops else 3)
+    images = np.stack(arrays) if arrays else np.zeros(empty, np.uint8)
     return images, np.array([s.label for s in kept], np.int64), kept, bad
+
+
+def _crop_path(path: str) -> np.ndarray:
+    """The packed fundus crop + mask of an image file, decoded exactly as the app decodes uploads."""
+    from aisight.fundus import fundus_crop
+    from aisight.preprocess import open_image
+    from training.augment import stack_crop
+
+    crop, mask, _ = fundus_crop(open_image(Path(path).read_bytes()))
+    return stack_crop(crop, mask)

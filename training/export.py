@@ -24,6 +24,7 @@ def export_artifact(model, out_dir: str | Path, card: dict[str, Any]) -> Path:
         "labels": list(LABELS),
         "input_shape": list(INPUT_SHAPE),
         "input": "RGB uint8 0..255, resized to 128x128 by aisight.preprocess (preprocessing is inside the model)",
+        "preprocessing": "resize",
         "threshold": 0.5,
         "gradcam_layer": last_conv_layer(model),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

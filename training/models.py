@@ -41,18 +41,22 @@ ARCHS: dict[str, Arch] = {
         Arch("NASNetMobile", "NASNetMobile", "tf"),
     )
 }
-# Not a paper candidate: a few-layer CNN for fast tests and the generated-image demo model.
+# Not paper candidates: a few-layer CNN for fast tests and the generated-image demo model, and small
+# networks for comparing training methods cheaply before the one long Xception run (training.proxy).
 TINY = Arch("TinyNet", "TinyNet", "tf")
+PROXY = Arch("ProxyNet", "ProxyNet", "tf")
+MOBILENET_V2 = Arch("MobileNetV2", "MobileNetV2", "tf")
+EXTRA = {a.name: a for a in (TINY, PROXY, MOBILENET_V2)}
 HEADS = ("flatten", "gap")
 TRAINABLE = ("bn", "all")
 
 
 def get_arch(name: str) -> Arch:
     """Look an architecture up by name, case-insensitively."""
-    for key, arch in {**ARCHS, TINY.name: TINY}.items():
+    for key, arch in {**ARCHS, **EXTRA}.items():
         if key.lower() == name.lower():
             return arch
-    raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)} (or {TINY.name} for tests)")
+    raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)} (or {', '.join(EXTRA)})")
 
 
 def resolve_weights(weights: str) -> str | None:
@@ -114,6 +118,8 @@ def build_model(
     x = FamilyPreprocess(spec.preprocess, name="preprocess")(inputs)
     if spec is TINY:
         base = _tiny_base(x)
+    elif spec is PROXY:
+        base = _proxy_base(x)
     else:
         constructor = getattr(keras.applications, spec.constructor)
         # input_tensor keeps the base's layers in this model's graph (flat), which Grad-CAM relies on.
@@ -146,6 +152,33 @@ def _tiny_base(x):
             keras.layers.BatchNormalization(name=f"tiny_bn{i}"),
             keras.layers.Activation("relu", name=f"tiny_relu{i}"),
         ]
+    for layer in layers:
+        x = layer(x)
+    return SimpleNamespace(layers=layers, output=x)
+
+
+def _proxy_base(x):
+    """A VGG-style network with BatchNormalization (about 0.08 GMAC at 128 px): a strided 3x3 convolution
+    to 64x64 as Xception's stem does, then two 3x3 convolutions per scale and max pooling (which keeps a
+    small lesion's response), global average pooling. Trains about 4x faster than Xception on a CPU."""
+    from types import SimpleNamespace
+
+    import keras
+
+    layers = [
+        keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="proxy_stem"),
+        keras.layers.BatchNormalization(name="proxy_stem_bn"),
+        keras.layers.Activation("relu", name="proxy_stem_relu"),
+    ]
+    for i, filters in enumerate((16, 32, 64, 128)):
+        for j in range(2):
+            layers += [
+                keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"proxy_conv{i}{j}"),
+                keras.layers.BatchNormalization(name=f"proxy_bn{i}{j}"),
+                keras.layers.Activation("relu", name=f"proxy_relu{i}{j}"),
+            ]
+        if i < 3:
+            layers.append(keras.layers.MaxPooling2D(2, name=f"proxy_pool{i}"))
     for layer in layers:
         x = layer(x)
     return SimpleNamespace(layers=layers, output=x)

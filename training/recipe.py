@@ -81,6 +81,10 @@ class Item:
         return self.sample.original_label
 
     @property
+    def folder(self) -> str:
+        return self.sample.folder
+
+    @property
     def augmented(self) -> bool:
         return bool(self.orientation or self.noise or self.copy)
 

@@ -63,18 +63,28 @@ def make_fundus(
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def write_dataset(out: str | Path, n_per_class: int = 20, seed: int = 0, size: int = 200) -> Path:
-    """Write a class-per-folder set (healthy/, diseased/) with a manifest.csv; return the folder."""
+def write_dataset(
+    out: str | Path,
+    n_per_class: int = 20,
+    seed: int = 0,
+    size: int = 200,
+    source: str = "synthetic",
+    labels: tuple[str, ...] = ("healthy", "diseased"),
+) -> Path:
+    """Write a class-per-folder set (healthy/, diseased/) with a manifest.csv; return the folder.
+
+    ``source`` names the collection in the manifest (and the patient ids); ``labels`` may hold one class
+    only, as some real folders do."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     rows = []
-    for label in ("healthy", "diseased"):
+    for label in labels:
         (out / label).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             rel = f"{label}/{label}_{i:04d}.jpg"
             make_fundus(rng, label == "diseased", size=size).save(out / rel, quality=92)
             # Two eyes per synthetic patient, so patient-level splitting is exercised.
-            rows.append({"path": rel, "label": label, "patient_id": f"syn-{label}-{i // 2}", "source": "synthetic"})
+            rows.append({"path": rel, "label": label, "patient_id": f"{source}-{label}-{i // 2}", "source": source})
     with open(out / "manifest.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id", "source"])
         writer.writeheader()

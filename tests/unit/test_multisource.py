@@ -1,0 +1,146 @@
+"""Several folders at once: loading, patient split across folders, balanced epochs, tasks, evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import Sample, load_sources, split_by_patient
+from training.evaluate import bootstrap_auc, shortcut_probe, task_metrics
+from training.fit import epoch_indices
+from training.synthetic import write_dataset
+from training.tasks import cells, get_task, task_masks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> list[Path]:
+    """Three small folders as the shared data has them: two sources with both labels, one with one."""
+    base = tmp_path_factory.mktemp("multi")
+    a = write_dataset(base / "odir-like", n_per_class=8, seed=1, size=160, source="odir")
+    b = write_dataset(base / "graded", n_per_class=8, seed=2, size=160, source="eyepacs")
+    c = write_dataset(base / "raw-dr", n_per_class=6, seed=3, size=160, source="idrid", labels=("diseased",))
+    # Give the graded folder EyePACS grades and one patient shared with a photo in another folder.
+    rows = list(csv.DictReader(open(b / "manifest.csv")))
+    for i, r in enumerate(rows):
+        r["original_label"] = "no_dr" if r["label"] == "healthy" else ("moderate_dr" if i % 2 else "mild_dr")
+    with open(b / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0].keys()])
+        w.writeheader()
+        w.writerows(rows)
+    return [a, b, c]
+
+
+def test_several_folders_load_as_one(folders):
+    ds = load_sources(",".join(map(str, folders)))
+    assert len(ds.samples) == 16 + 16 + 6
+    assert {s.folder for s in ds.samples} == {"odir-like", "graded", "raw-dr"}
+    assert load_sources([str(p) for p in folders]).samples == ds.samples  # --data given three times
+    with pytest.raises(ValueError, match="no healthy"):  # one class alone is not a data set
+        load_sources(str(folders[2]))
+
+
+def test_a_patient_in_two_folders_stays_in_one_part():
+    samples = [Sample(f"/x/{i}.jpg", i % 2, f"eyepacs-{i // 3}", "eyepacs", folder=f"f{i % 2}") for i in range(300)]
+    parts = split_by_patient(samples, seed=0)
+    owners = {}
+    for k, part in enumerate(parts):
+        for s in part:
+            assert owners.setdefault(s.patient_id, k) == k
+
+
+def test_balanced_epochs():
+    labels = np.array([0] * 900 + [1] * 100)
+    cell = np.array([0] * 900 + [1] * 64 + [2] * 36)
+    rng = np.random.default_rng(0)
+    idx = epoch_indices(labels, cell, "label", 20000, rng)
+    assert abs(labels[idx].mean() - 0.5) < 0.02
+    idx = epoch_indices(labels, cell, "cell", 20000, rng)
+    share = np.bincount(cell[idx], minlength=3) / len(idx)
+    # Half per label; within label 1, cells in proportion to the square root of their size (8:6).
+    assert share[0] == pytest.approx(0.5, abs=0.02) and share[1] / share[2] == pytest.approx(8 / 6, rel=0.1)
+    assert sorted(epoch_indices(labels, None, "none", 0, rng)) == list(range(1000))
+    with pytest.raises(ValueError):
+        epoch_indices(labels, cell, "sources", 10, rng)
+
+
+def test_tasks_pick_their_photos(folders):
+    ds = load_sources(",".join(map(str, folders)))
+    mask, y = get_task("eyepacs_moderate").select(ds.samples)
+    picked = [s for s, m in zip(ds.samples, mask, strict=True) if m]
+    assert all(s.source == "eyepacs" and s.original_label in ("no_dr", "moderate_dr") for s in picked)
+    assert set(y) == {0, 1}
+    assert set(task_masks(ds.samples)) >= {"odir", "eyepacs_any", "eyepacs_moderate", "raw_dr", "pooled"}
+    assert len(set(cells(ds.samples))) == 5  # odir x2, eyepacs x2, idrid x1
+
+
+def test_bootstrap_interval_holds_the_auc_and_narrows():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(400), np.ones(400)]
+    p = np.r_[rng.normal(0, 1, 400), rng.normal(1, 1, 400)]
+    lo, hi = bootstrap_auc(y, p, reps=300)
+    small = bootstrap_auc(y[::10], p[::10], reps=300)
+    assert lo < 0.76 < hi and (hi - lo) < (small[1] - small[0])
+
+
+def test_shortcut_probe_sees_a_camera_only_when_features_carry_one():
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"/{i}", i % 2, f"p{i}", "a" if i % 4 < 2 else "b", folder="f") for i in range(400)]
+    src = np.array([s.source == "a" for s in samples], float)
+    blind = rng.normal(size=(400, 16))
+    seeing = blind + 3 * src[:, None]
+    assert shortcut_probe(seeing, samples)["healthy"]["balanced_accuracy"] > 0.95
+    blind_probe = shortcut_probe(blind, samples)
+    assert abs(blind_probe["healthy"]["balanced_accuracy"] - 0.5) < 0.12 and blind_probe["healthy"]["chance"] == 0.5
+
+
+def test_task_metrics_report_intervals(folders):
+    ds = load_sources(",".join(map(str, folders)))
+    prob = np.array([0.9 if s.label else 0.1 for s in ds.samples])
+    out = task_metrics(ds.samples, prob, 0.5)
+    assert out["odir"]["auc"] == 1.0 and out["odir"]["controlled"] and out["odir"]["auc_ci95"] == [1.0, 1.0]
+    assert not out["raw_dr"]["controlled"] and out["eyepacs_moderate"]["sensitivity"] == 1.0
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+
+
+def test_train_resume_and_evaluate_end_to_end(folders, tmp_path):
+    """Tiny but real: fundus-v2 input, cell-balanced epochs, a stop after one epoch, a resume, an evaluation."""
+    data = ",".join(map(str, folders))
+    common = ["--data", data, "--arch", "TinyNet", "--preprocessing", "fundus-v2", "--balance", "cell",
+              "--epoch-size", "32", "--batch-size", "16", "--augment", "--head", "gap", "--trainable", "all",
+              "--select-metric", "val_auc_controlled", "--out", str(tmp_path / "model"),
+              "--run-dir", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--target-sensitivity", "0.9"]
+    first = _cli("train", *common, "--epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1
+    second = _cli("train", *common, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "epoch 2/2" in second.stdout and "epoch 1/2" not in second.stdout
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["preprocessing"] == "fundus-v2" and card["training"]["epochs_run"] == 2
+    assert set(card["metrics"]["tasks"]["test"]) <= {"odir", "eyepacs_any", "eyepacs_moderate", "raw_dr", "pooled"}
+    assert card["training"]["sources"] == ["eyepacs", "idrid", "odir"]
+    split = json.loads((tmp_path / "model" / "split_patients.json").read_text())
+    assert not set(split["train"]) & set(split["test"])
+
+    ev = _cli("evaluate", "--model", str(tmp_path / "model"), "--data", data, "--out", str(tmp_path / "eval"),
+              "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    # Only the test patients are left: the model trained on the others or chose its epoch and threshold on them.
+    patient = {s.path: s.patient_id for s in load_sources(data).samples}
+    evaluated = {patient[p] for p in np.load(tmp_path / "eval" / "predictions.npz")["path"]}
+    assert evaluated == set(split["test"]) and result["excluded_trained_photos"] > 0
+    assert "## Shortcut probe" in (tmp_path / "eval" / "evaluation.md").read_text()
