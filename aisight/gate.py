@@ -39,6 +39,10 @@ CENTRE_OFFSET_MAX = 0.2  # fitted centre's distance from the image centre / shor
 SURROUND_MAX = 0.45  # mean level outside the fit / mean level inside [real p99 0.26; photos 0.6 to 1.3]
 ASPECT_MIN = 0.6  # shorter / longer axis for an ellipse fit (photos stretched to a square) [real min 0.60]
 RED_BLUE_MIN = 1.05  # mean red / mean blue in the field [real p0.5 1.11; grey images 1.00]
+# A near-grey photo passes the colour check when it still has some colour: 8 of 2312 real photos are
+# desaturated (red/blue 0.97-1.04, chroma 4.4-69), while greyscale drawings and scans have chroma 0 and a
+# colour wheel 156.
+NEAR_GREY = (0.95, 2.0, 100.0)  # lowest red/blue, chroma range
 CLIPPED_MAX = 0.15  # too bright: share of the field with 2+ channels >= 250 [real p99 0.04; over-exposed min 0.21]
 FOCUS_MIN = 0.22  # blurred: fine / coarse detail energy in the field [real p0.5 0.28; blurred copies max 0.19]
 
@@ -133,9 +137,14 @@ CHECKS: tuple[tuple[str, str, Callable[[dict[str, float]], bool]], ...] = (
     ("field_diameter", "too_small", lambda m: m["field_diameter"] < MIN_FIELD_DIAMETER),
     # Washed out before colour: a blown-out field loses its colour, but it is still a fundus photo.
     ("clipped", "too_bright", lambda m: m["clipped"] > CLIPPED_MAX),
-    ("red_blue", "not_fundus", lambda m: m["red_blue"] < RED_BLUE_MIN),
+    ("red_blue", "not_fundus", lambda m: m["red_blue"] < RED_BLUE_MIN and not _near_grey_photo(m)),
     ("focus", "blurred", lambda m: m["focus"] < FOCUS_MIN),
 )
+
+
+def _near_grey_photo(m: dict[str, float]) -> bool:
+    low, chroma_min, chroma_max = NEAR_GREY
+    return m["red_blue"] >= low and chroma_min <= m.get("chroma", 0.0) <= chroma_max
 
 
 def failed_checks(m: dict[str, float]) -> list[str]:
@@ -218,6 +227,9 @@ def _measure(img: Image.Image, original_size: tuple[int, int] | None) -> dict[st
     mr, mg, mb = np.true_divide(sums, np.intp(n_field), out=sums, casting="unsafe")
     m["red_blue"] = float(mr / max(mb, 1.0))
     m["red_green"] = float(mr / max(mg, 1.0))
+    # Colourfulness: mean spread between a pixel's channels. A near-grey fundus photo (desaturated by
+    # its camera or export) still has some; a greyscale drawing or scan has none.
+    m["chroma"] = float((rgb.max(axis=1) - rgb.min(axis=1)).mean())
     # A weighted sum of non-integers: the same float32 product and mean as ever, so the same value.
     m["brightness"] = float((rgb @ _LUMA).mean())
     hi = rgb >= 250

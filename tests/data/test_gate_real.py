@@ -1,7 +1,9 @@
 """The fundus gate on the real photos (../shared/data/fundus-eye4; skipped when absent).
 
-The gate must let through at least 98% of real, labelled fundus photographs (false refusals <= 2%)
-and refuse ungradable copies of them for the right reason. bench/gate_thresholds.py prints the same
+The gate must let through at least 99% of the real camera photos of each folder (false refusals <= 1%
+on fundus-eye4 and on idrid-diaretdb1-dr) and refuse ungradable copies of them for the right reason.
+eyepacs-256 is no camera output (its publisher cropped and colour-enhanced it) and is not held to this:
+8.3% of it is refused, mostly as not_fundus (the crop leaves no dark surround to find the field by). bench/gate_thresholds.py prints the same
 numbers with the distributions behind them (docs/gate.md).
 """
 
@@ -14,7 +16,7 @@ import pytest
 from aisight.gate import check_fundus
 from bench.gate_thresholds import degrade, real_photos
 
-MAX_FALSE_REFUSAL = 0.02
+MAX_FALSE_REFUSAL = 0.01
 # Ungradable copies are made from every DEGRADE_EVERY-th photo (the full set would add minutes).
 DEGRADE_EVERY = 12
 
@@ -28,7 +30,7 @@ def verdicts(fundus_dir):
     return out
 
 
-def test_false_refusal_rate_is_at_most_two_percent(verdicts):
+def test_false_refusal_rate_is_at_most_one_percent(verdicts):
     refused = [(row["path"], v.code) for row, v, _ in verdicts if not v.ok]
     rate = len(refused) / len(verdicts)
     assert len(verdicts) >= 2000, "the real set looks incomplete"
@@ -56,3 +58,13 @@ def test_ungradable_copies_are_refused_for_the_right_reason(verdicts, kind, code
     assert total >= 150
     assert codes["ok"] == 0, f"{kind}: accepted {codes['ok']}/{total}"
     assert codes[code] / total >= 0.95, f"{kind}: {dict(codes)}"
+
+
+def test_raw_camera_retinopathy_photos_pass(fundus_dir):
+    """IDRiD and DIARETDB1: two more clinics' cameras, as a clinic would upload them."""
+    folder = fundus_dir.parent / "idrid-diaretdb1-dr"
+    if not (folder / "manifest.csv").is_file():
+        pytest.skip(f"idrid-diaretdb1-dr not found beside {fundus_dir}")
+    verdicts = [(row["path"], check_fundus(img, size)) for row, img, size in real_photos(folder)]
+    refused = [(p, v.code) for p, v in verdicts if not v.ok]
+    assert len(verdicts) == 330 and len(refused) / len(verdicts) <= MAX_FALSE_REFUSAL, refused

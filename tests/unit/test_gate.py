@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from aisight import gate
-from aisight.gate import GateVerdict, check_fundus, gate_enabled
+from aisight.gate import GateVerdict, check_fundus, gate_enabled, measure
 from aisight.preprocess import open_image
 from bench.gate_thresholds import degrade, generated_negatives, skimage_images, skimage_retina
 from training.synthetic import make_fundus
@@ -106,6 +106,19 @@ def test_odd_modes_are_measured_as_rgb():
     photo = make_fundus(np.random.default_rng(3), diseased=False, size=256)
     assert check_fundus(photo.convert("RGBA")).ok
     assert check_fundus(photo.convert("L").convert("RGB")).code == "not_fundus"  # grey is not a colour photo
+
+
+def test_a_desaturated_colour_photo_passes_a_greyscale_one_does_not():
+    """Some cameras and exports leave a fundus photo almost grey (8 of the 2312 real photos); it still has
+    a little colour, which a greyscale image (chroma 0) or a colour wheel (chroma ~150) does not."""
+    photo = make_fundus(np.random.default_rng(3), diseased=False, size=256)
+    a = np.asarray(photo, np.float32)
+    grey = a.mean(axis=2, keepdims=True)
+    faded = Image.fromarray(np.clip(grey + 0.03 * (a - grey), 0, 255).astype(np.uint8))
+    m = measure(faded)
+    assert m["red_blue"] < 1.05 and 2 <= m["chroma"] <= 100, m
+    assert check_fundus(faded).ok
+    assert measure(photo.convert("L").convert("RGB"))["chroma"] == 0.0
 
 
 def test_white_padding_is_trimmed():
