@@ -291,8 +291,36 @@ HEADLINE_METRICS = ("accuracy", "sensitivity", "specificity", "auc")
 SUBSET_NAMES = {"all": "all test patients", "odir": "source-controlled (ODIR only)"}
 
 
+def task_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """Per-task rows (source-controlled first) from the card's evaluation on held-out patients of every
+    source, else from its test split; with the leave-one-source-out estimates where the card has them."""
+    evaluation = card.get("evaluation") or {}
+    tasks = evaluation.get("tasks") or ((card.get("metrics") or {}).get("tasks") or {}).get("test")
+    if not isinstance(tasks, dict) or not tasks:
+        return []
+    where = "held-out patients" if evaluation.get("tasks") else "test patients"
+    rows = []
+    for t in sorted(tasks.values(), key=lambda t: not t.get("controlled")):
+        lo, hi = t.get("auc_ci95") or (float("nan"), float("nan"))
+        rows.append((
+            f"{where} · {t['title']}",
+            f"AUC {t['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}); sensitivity {t['sensitivity']:.2f}, "
+            f"specificity {t['specificity']:.2f} ({t['negatives']} healthy, {t['positives']} diseased)",
+        ))
+    for source, r in ((card.get("validation") or {}).get("leave_one_source_out") or {}).items():
+        rows.append((f"new-clinic estimate · trained without {source}, tested on it", str(r)))
+    sources = (card.get("training") or {}).get("sources")
+    if sources:
+        rows.append(("validated on sources", ", ".join(sources)))
+    return rows
+
+
 def card_metrics(card: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows of the card's metrics a page can show: the test headline for training cards, else all."""
+    """Rows of the card's metrics a page can show: per-task figures where the card has them (the fair
+    ones first), else the test headline for training cards, else all."""
+    rows = task_rows(card)
+    if rows:
+        return rows
     metrics = card.get("metrics") or {}
     test = metrics.get("test")
     if isinstance(test, dict) and isinstance(test.get("all"), dict):

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
     p.add_argument("--all-photos", action="store_true",
                    help="also photos of patients the model trained on (not a fair measure; for inspection)")
+    p.add_argument("--write-card", action="store_true",
+                   help="record the per-task figures in the model card (shown on the result page)")
 
     p = sub.add_parser("rank", help="rank the finished candidates of a stage and write OUT/stage<S>.csv")
     p.add_argument("--out", required=True)
@@ -196,7 +198,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from training.evaluate import evaluate_model
 
-        evaluate_model(args.model, args.data, args.out, args.cache or default_cache(), all_photos=args.all_photos)
+        evaluate_model(args.model, args.data, args.out, args.cache or default_cache(), all_photos=args.all_photos,
+                       write_card=args.write_card)
         return 0
     if args.command == "select":
         from training.stages import STAGE2_LOSSES, STAGE2_OPTIMIZERS, Selection, parse_list, select, stage_defaults

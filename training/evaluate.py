@@ -180,8 +180,11 @@ def evaluate_model(
     cache_dir: str | Path | None = None,
     all_photos: bool = False,
     log: Callable[[str], None] = print,
+    write_card: bool = False,
 ) -> dict:
-    """Evaluate the artifact in ``model_dir`` on ``data`` and write evaluation.md/.json into ``out``."""
+    """Evaluate the artifact in ``model_dir`` on ``data`` and write evaluation.md/.json into ``out``;
+    ``write_card`` also records the per-task figures in the model card (``evaluation``), which the
+    result page shows."""
     from aisight.artifact import load_model, read_card
     from training.data import load_arrays, load_sources
 
@@ -215,6 +218,24 @@ def evaluate_model(
     (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "evaluation.md").write_text(markdown(result))
     np.savez_compressed(out / "predictions.npz", prob=prob, path=np.array([s.path for s in samples]))
+    if write_card:
+        if all_photos:
+            raise ValueError("--write-card needs held-out photos: drop --all-photos")
+        import datetime as dt
+
+        from aisight.artifact import write_card as save_card
+
+        card["evaluation"] = {
+            "date": dt.date.today().isoformat(),
+            "folders": sorted({s.folder for s in samples if s.folder}),
+            "photos": len(samples),
+            "excluded_trained_photos": excluded,
+            "rule": "photos of patients the model was neither trained nor tuned on",
+            "tasks": result["tasks"],
+            "shortcut_probe": {k: {"balanced_accuracy": v["balanced_accuracy"], "chance": v["chance"]}
+                               for k, v in result["shortcut_probe"].items()},
+        }
+        save_card(model_dir, card)
     log(markdown(result))
     return result
 

@@ -3,8 +3,8 @@
 The gate must let through at least 99% of the real camera photos of each folder (false refusals <= 1%
 on fundus-eye4 and on idrid-diaretdb1-dr) and refuse ungradable copies of them for the right reason.
 eyepacs-256 is no camera output (its publisher cropped and colour-enhanced it) and is not held to this:
-8.3% of it is refused, mostly as not_fundus (the crop leaves no dark surround to find the field by). bench/gate_thresholds.py prints the same
-numbers with the distributions behind them (docs/gate.md).
+8.3% of it is refused, mostly as not_fundus (the crop leaves no dark surround to find the field by).
+bench/gate_thresholds.py prints the same numbers with the distributions behind them (docs/gate.md).
 """
 
 from __future__ import annotations

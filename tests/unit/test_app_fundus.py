@@ -83,3 +83,25 @@ def test_unknown_preprocessing_is_refused(fundus_model, tmp_path):
     (bad / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ArtifactError, match="unknown preprocessing"):
         read_card(bad)
+
+
+def test_result_page_headlines_the_per_task_figures(fundus_model, tmp_path):
+    """A card with per-task figures: the page shows them, the source-controlled tasks first, with the
+    sources the model was validated on (not the pooled headline)."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(fundus_model, d)
+    card = json.loads((d / "model_card.json").read_text())
+    task = {"negatives": 50, "positives": 40, "auc": 0.81, "auc_ci95": [0.72, 0.88], "sensitivity": 0.9,
+            "specificity": 0.55}
+    card["evaluation"] = {"tasks": {
+        "pooled": {**task, "title": "all photos (not controlled)", "controlled": False, "auc": 0.99},
+        "eyepacs_moderate": {**task, "title": "EyePACS graded: grade 0 vs 2-4", "controlled": True},
+    }}
+    card["training"] = {**card["training"], "sources": ["eyepacs", "idrid", "odir"]}
+    card.pop("warning", None)
+    (d / "model_card.json").write_text(json.dumps(card))
+    html = post_image(ready_app(d).test_client(), fundus_jpeg(seed=2), url="/").get_data(as_text=True)
+    assert "AUC 0.81 (95% CI 0.72-0.88)" in html and "eyepacs, idrid, odir" in html
+    assert html.index("EyePACS graded") < html.index("all photos (not controlled)")
