@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,11 +65,18 @@ def augmenter(seed: int):
     )
 
 
+_PREDICT_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """P(diseased) in inference mode, batch by batch (no model.predict: it is slow and leaks)."""
+    """P(diseased) in inference mode, batch by batch (no model.predict: it is slow and leaks).
+
+    The traced function is kept per model: validation every epoch then traces once, not every epoch."""
     import tensorflow as tf
 
-    fn = tf.function(lambda x: model(x, training=False))
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:
+        fn = _PREDICT_FNS[model] = tf.function(lambda x: model(x, training=False))
     out = [
         np.asarray(fn(tf.constant(images[i : i + batch_size], tf.float32)))[:, 1]
         for i in range(0, len(images), batch_size)
