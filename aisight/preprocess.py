@@ -189,13 +189,22 @@ def check_preprocessing(name: str) -> str:
     return name
 
 
-def model_input(img: Image.Image, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:
-    """Return the model input (128x128x3 uint8) of a decoded upright RGB photo."""
+def model_input_and_crop(
+    img: Image.Image, preprocessing: str = DEFAULT_PREPROCESSING
+) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+    """Return the model input (128x128x3 uint8) of a decoded upright RGB photo, and the square it was
+    taken from as (left, top, right, bottom) fractions of the photo (None: the whole photo)."""
     if check_preprocessing(preprocessing) == "resize":
-        return resize(img)
+        return resize(img), None
     from aisight.fundus import fundus_input
 
-    return fundus_input(img)[0]
+    arr, field = fundus_input(img)
+    return arr, field.relative(*img.size)
+
+
+def model_input(img: Image.Image, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Return the model input (128x128x3 uint8) of a decoded upright RGB photo."""
+    return model_input_and_crop(img, preprocessing)[0]
 
 
 def preprocess_bytes(data: bytes, *, draft: bool = True, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:

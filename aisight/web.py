@@ -16,10 +16,10 @@ from werkzeug.exceptions import HTTPException
 
 from aisight import explain
 from aisight.artifact import card_summary
-from aisight.fundus import crop_relative, fundus_input
+from aisight.fundus import crop_relative
 from aisight.gate import check_fundus
 from aisight.predictor import ModelNotReady, Predictor
-from aisight.preprocess import SUPPORTED_FORMATS, ImageError, open_image, resize
+from aisight.preprocess import SUPPORTED_FORMATS, ImageError, model_input_and_crop, open_image
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
@@ -197,13 +197,9 @@ def screen(data: bytes) -> Screening:
             raise ApiError(v.code, v.message, 422, hint=v.hint, measures=v.measures)
     t2 = time.perf_counter()
     # = preprocess_bytes(data, preprocessing=...), what training's preprocess_path gives, without a second decode
-    crop = None
-    if p.preprocessing == "fundus-v2":
-        arr, fld = fundus_input(img)
-        crop = fld.relative(*img.size)
+    arr, crop = model_input_and_crop(img, p.preprocessing)
+    if crop is not None:
         img = crop_relative(img, crop)
-    else:
-        arr = resize(img)
     t3 = time.perf_counter()
     probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
     t4 = time.perf_counter()
@@ -293,7 +289,7 @@ SUBSET_NAMES = {"all": "all test patients", "odir": "source-controlled (ODIR onl
 
 def task_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     """Per-task rows (source-controlled first) from the card's evaluation on held-out patients of every
-    source, else from its test split; with the leave-one-source-out estimates where the card has them."""
+    source, else from its test split; then the sources it was validated on."""
     evaluation = card.get("evaluation") or {}
     tasks = evaluation.get("tasks") or ((card.get("metrics") or {}).get("tasks") or {}).get("test")
     if not isinstance(tasks, dict) or not tasks:
@@ -307,8 +303,6 @@ def task_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
             f"AUC {t['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}); sensitivity {t['sensitivity']:.2f}, "
             f"specificity {t['specificity']:.2f} ({t['negatives']} healthy, {t['positives']} diseased)",
         ))
-    for source, r in ((card.get("validation") or {}).get("leave_one_source_out") or {}).items():
-        rows.append((f"new-clinic estimate · trained without {source}, tested on it", str(r)))
     sources = (card.get("training") or {}).get("sources")
     if sources:
         rows.append(("validated on sources", ", ".join(sources)))

@@ -212,7 +212,7 @@ def load_sources(spec: str | Path | Sequence[str | Path]) -> Dataset:
     for part in (item for p in parts for item in p.split(",") if item.strip()):
         kind, sep, rest = part.partition("=")
         if not sep:  # a plain path; one class alone is fine when other parts bring the other
-            ds = load_dataset(part.strip(), check=len(parts) == 1 and "," not in parts[0])
+            ds = load_dataset(part.strip(), check=False)  # the joined set is checked below
         else:
             kind = kind.strip().lower()
             if kind not in loaders or not rest:

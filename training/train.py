@@ -102,11 +102,9 @@ def train_and_export(
         )
 
     history_path = run / "history.csv"
-    val_items = arrays["val"][2]
-    controlled = np.array([s.source == SOURCE_CONTROLLED for s in val_items])
-    model, history = fit(
-        cfg, arrays["train"][:2], arrays["val"][:2], log, history_path, controlled,
-        val_tasks=task_masks(val_items), controlled_tasks=controlled_names(),
+    model, history = fit(  # the tasks include ODIR (val_auc_odir) where the data has it
+        cfg, arrays["train"][:2], arrays["val"][:2], log, history_path,
+        val_tasks=task_masks(arrays["val"][2]), controlled_tasks=controlled_names(),
         train_cells=cells(arrays["train"][2]), checkpoint=run / "checkpoint", resume=resume,
     )
     best_epoch = int(getattr(model, "best_epoch", -1))  # read before to_float32 returns a clone
