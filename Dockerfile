@@ -37,6 +37,13 @@ RUN groupadd --system --gid 10001 aisight \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp \
       --no-create-home --shell /usr/sbin/nologin aisight
 
+# nginx in front of gunicorn (aisight/serve.py): slow clients, body cap, admission, rate limit.
+# It runs as the app user with its files in /tmp, so nothing of Debian's default site is used.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nginx-light \
+ && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/*
+
 COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
@@ -77,7 +84,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
 
-# Exec form: gunicorn is PID 1 and receives SIGTERM directly for a graceful
-# shutdown. No --preload: TensorFlow is not fork-safe, each worker loads the
-# model after fork (see gunicorn.conf.py).
-ENTRYPOINT ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
+# Exec form: the supervisor is PID 1 and receives SIGTERM directly: /readyz turns 503, nginx finishes
+# what it holds, then gunicorn stops (aisight/serve.py). No --preload: TensorFlow is not fork-safe, each
+# worker loads the model after fork (see gunicorn.conf.py).
+ENTRYPOINT ["python", "-m", "aisight.serve"]

@@ -9,7 +9,7 @@ SHARED ?= ../shared/data
 ALL_DATA ?= $(SHARED)/fundus-eye4,$(SHARED)/eyepacs-256,$(SHARED)/idrid-diaretdb1-dr
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-all lint model model-v2 evaluate report select bench bench-train venv venv-dev browser
+.PHONY: run nginx test test-all lint model model-v2 evaluate report select bench bench-train venv venv-dev browser
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,15 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
-run: $(VENV)/.runtime
-	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py "app:create_app()"
+# nginx (buffering, timeouts, body cap, admission, rate limit) in front of gunicorn: aisight/serve.py.
+run: $(VENV)/.runtime nginx
+	HOST=$(HOST) PORT=$(PORT) $(PY) -m aisight.serve
+
+# Debian's nginx-light for the front proxy: installed when missing and we may (root + apt).
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
+	  || echo "nginx not installed: the app will run on gunicorn alone"; }
 
 # Chromium for the browser tests: installed from Debian when missing and we may (root + apt).
 browser:
@@ -36,11 +43,11 @@ browser:
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 
-test: $(VENV)/.dev browser lint
+test: $(VENV)/.dev browser nginx lint
 	$(PY) -m pytest -q
 
 # Slow tests too (longer training runs).
-test-all: $(VENV)/.dev browser
+test-all: $(VENV)/.dev browser nginx
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # Retrain the bundled model from the shared photos with the committed config (about 1.5 h on 2 CPU cores).

@@ -18,14 +18,12 @@ from flask import Flask
 from aisight import explain, web
 from aisight.artifact import DEFAULT_MODEL_DIR
 from aisight.gate import gate_enabled
+from aisight.limits import body_limit
 from aisight.metrics import Metrics
 from aisight.predictor import Predictor
 
 log = logging.getLogger("aisight.app")
 
-MIB = 1024 * 1024
-# The body also carries the multipart framing: a file of exactly MAX_UPLOAD_MB still goes through.
-MULTIPART_SLACK = 64 * 1024
 LOAD_MODES = ("background", "sync", "none")
 
 
@@ -39,7 +37,9 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "GATE": gate_enabled(env),
         # background: load in a thread so /healthz answers at once; sync: load before returning (tests);
         # none: never load (tests that drive readiness themselves, with PREDICTOR).
-        "MODEL_LOAD": "background",
+        # AISIGHT_MODEL_LOAD=sync behind nginx (aisight.serve): a worker accepts no request before its
+        # model answers, so a replaced worker never turns requests away while it loads.
+        "MODEL_LOAD": env.get("AISIGHT_MODEL_LOAD") or "background",
         "PREDICTOR": None,
     }
     cfg.update(overrides or {})
@@ -47,7 +47,7 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         raise ValueError(f"MODEL_LOAD must be one of {LOAD_MODES}, got {cfg['MODEL_LOAD']!r}")
     mb = cfg["MAX_UPLOAD_MB"]
     cfg["MAX_UPLOAD_MB"] = int(mb) if float(mb).is_integer() else mb
-    cfg["MAX_CONTENT_LENGTH"] = int(cfg["MAX_UPLOAD_MB"] * MIB) + MULTIPART_SLACK
+    cfg["MAX_CONTENT_LENGTH"] = body_limit(cfg["MAX_UPLOAD_MB"])
     return cfg
 
 

@@ -1,6 +1,7 @@
 """Gunicorn settings for ``make run`` and the container images, all from the environment.
 
-HOST, PORT (127.0.0.1:8000), WEB_CONCURRENCY (workers, 1), GUNICORN_THREADS (8), GUNICORN_TIMEOUT (120).
+HOST, PORT (127.0.0.1:8000), WEB_CONCURRENCY (workers, 2), GUNICORN_THREADS (4), AISIGHT_QUEUE_MAX (4),
+GUNICORN_TIMEOUT (120). AISIGHT_BIND (set by aisight.serve: a unix socket behind nginx) wins over HOST/PORT.
 No preload: TensorFlow is not fork-safe, so each worker builds the app and loads the model after fork.
 """
 
@@ -16,14 +17,20 @@ def _int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{_int('PORT', 8000)}"
-# 1 worker x 8 threads, measured on a 2-core pod (docs/performance.md): as fast as 2 x 4 at 8 concurrent
-# requests, better p99, and half the memory (one model; 2 workers need ~3.4 GB with the frozen graph).
-workers = max(1, _int("WEB_CONCURRENCY", 1))
-# Threads: requests wait on the model and on slow phone uploads; the model runs one batch at a time.
-# 8 threads let a full micro-batch (AISIGHT_BATCH_MAX=8) form.
+bind = os.environ.get("AISIGHT_BIND") or f"{os.environ.get('HOST', '127.0.0.1')}:{_int('PORT', 8000)}"
+# 2 workers x 4 threads: a worker that dies costs only the requests it held while the other one keeps
+# answering (issue 12; docs/performance.md has the memory this costs).
+workers = max(1, _int("WEB_CONCURRENCY", 2))
 worker_class = "gthread"
-threads = max(1, _int("GUNICORN_THREADS", 8))
+threads = max(1, _int("GUNICORN_THREADS", 4))
+# A bounded admission queue per worker: it holds at most threads + AISIGHT_QUEUE_MAX requests and accepts
+# no more until one finishes (nginx in front sheds the rest with 503).
+worker_connections = threads + max(0, _int("AISIGHT_QUEUE_MAX", 4))
+if bind.startswith("unix:"):
+    # Only nginx can reach the private socket, so its X-Forwarded-* headers are the client's.
+    forwarded_allow_ips = "*"
+    # The socket has no peer address: log the client nginx saw.
+    access_log_format = '%({x-real-ip}i)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'
 # Above the worst model load + warm-up on a small CPU (loading happens inside the worker).
 timeout = _int("GUNICORN_TIMEOUT", 120)
 graceful_timeout = 30

@@ -100,13 +100,28 @@
         credentials: "same-origin",
       });
       const type = response.headers.get("Content-Type") || "";
-      const html = await response.text();
-      if (!(type.startsWith("text/html") && swapIn(html))) {
+      const text = await response.text();
+      if (type.startsWith("application/json")) {
+        // The front proxy's own answers (busy, rate limit, too large) are JSON with a message for people.
+        setBusy(parts, false);
+        showError(parts, jsonMessage(text) || "The server answered HTTP " + response.status + ". Try again.");
+        return;
+      }
+      if (!(type.startsWith("text/html") && swapIn(text))) {
         throw new Error("HTTP " + response.status);
       }
     } catch (err) {
       setBusy(parts, false);
       showError(parts, "The photo could not be sent (" + err.message + "). Check your connection and try again.");
+    }
+  }
+
+  function jsonMessage(text) {
+    try {
+      const body = JSON.parse(text);
+      return body && body.error && typeof body.error.message === "string" ? body.error.message : "";
+    } catch (err) {
+      return "";
     }
   }
 

@@ -67,7 +67,7 @@ def status_of(url: str, timeout: float = 5) -> int | None:
 
 
 def start_server(model_dir: Path, log: Path, **env: str) -> Server:
-    """Run gunicorn as ``make run`` does (same config file, same app spec) on a free port."""
+    """Run the server as ``make run`` does (``python -m aisight.serve``: nginx + gunicorn) on a free port."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -78,10 +78,9 @@ def start_server(model_dir: Path, log: Path, **env: str) -> Server:
         "WEB_CONCURRENCY": "1",
         **env,
     }
-    gunicorn = Path(sys.executable).with_name("gunicorn")
     out = open(log, "wb")  # kept as a test artifact; closed in stop_server
     proc = subprocess.Popen(
-        [str(gunicorn), "-c", "gunicorn.conf.py", "app:create_app()"],
+        [sys.executable, "-m", "aisight.serve"],
         cwd=ROOT,
         env=full_env,
         stdout=out,
@@ -92,7 +91,7 @@ def start_server(model_dir: Path, log: Path, **env: str) -> Server:
     t0 = time.monotonic()
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{server.log_tail()}")
+            pytest.fail(f"the server exited with {proc.returncode}:\n{server.log_tail()}")
         if time.monotonic() - t0 > READY_TIMEOUT:
             stop_server(server)
             pytest.fail(f"server not ready after {READY_TIMEOUT}s:\n{server.log_tail()}")
@@ -108,7 +107,7 @@ def start_server(model_dir: Path, log: Path, **env: str) -> Server:
 
 def stop_server(server: Server) -> None:
     if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)  # gunicorn's graceful shutdown
+        server.proc.send_signal(signal.SIGTERM)  # the supervisor's graceful shutdown
         try:
             server.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -120,7 +119,7 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="session")
 def server(model_dir, artifacts_dir):
     """One gunicorn server for the e2e tests, serving the test model."""
-    s = start_server(model_dir, artifacts_dir / "e2e-server.log")
+    s = start_server(model_dir, artifacts_dir / "e2e-server.log", AISIGHT_RATE_LIMIT="off")
     yield s
     stop_server(s)
 

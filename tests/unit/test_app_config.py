@@ -15,7 +15,7 @@ from app import create_app, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_KEYS = ("HOST", "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "PROMETHEUS_MULTIPROC_DIR",
-            "TF_NUM_INTRAOP_THREADS", "TF_CPP_MIN_LOG_LEVEL")
+            "TF_NUM_INTRAOP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "AISIGHT_BIND", "AISIGHT_QUEUE_MAX", "AISIGHT_MODEL_LOAD")
 
 
 @pytest.fixture
@@ -64,9 +64,24 @@ def test_bad_load_mode_is_refused():
 def test_gunicorn_defaults(clean_env):
     s = gunicorn_settings()
     assert s["bind"] == "127.0.0.1:8000"
-    assert s["workers"] == 1 and s["threads"] == 8 and s["worker_class"] == "gthread"
+    assert s["workers"] == 2 and s["threads"] == 4 and s["worker_class"] == "gthread"
+    assert s["worker_connections"] == 4 + 4  # threads + AISIGHT_QUEUE_MAX: the bounded admission queue
     assert s["preload_app"] is False  # TensorFlow is not fork-safe: load after fork
     assert s["timeout"] >= 60
+    assert s.get("forwarded_allow_ips") is None  # on a TCP port nobody's X-Forwarded-For is trusted
+
+
+def test_gunicorn_behind_the_proxy(clean_env):
+    clean_env.setenv("AISIGHT_BIND", "unix:/tmp/x/gunicorn.sock")
+    clean_env.setenv("AISIGHT_QUEUE_MAX", "0")
+    s = gunicorn_settings()
+    assert s["bind"] == "unix:/tmp/x/gunicorn.sock" and s["worker_connections"] == 4
+    assert s["forwarded_allow_ips"] == "*"  # only nginx can reach the private socket
+
+
+def test_model_load_mode_from_the_environment(clean_env):
+    clean_env.setenv("AISIGHT_MODEL_LOAD", "sync")
+    assert load_config()["MODEL_LOAD"] == "sync"
 
 
 def test_gunicorn_environment(clean_env):

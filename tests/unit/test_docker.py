@@ -222,7 +222,7 @@ def test_multistage_build_and_runtime(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_serving_target_contract(dockerfile):
-    """Non-root, exec-form gunicorn without --preload, port and model dir by environment."""
+    """Non-root, exec-form supervisor (nginx + gunicorn without --preload), port and model dir by environment."""
     stages = parse_dockerfile(ROOT / dockerfile)
     target = stages[-1].name
     users = effective(stages, target, "USER")
@@ -230,8 +230,10 @@ def test_serving_target_contract(dockerfile):
 
     entrypoint = effective(stages, target, "ENTRYPOINT")[-1]
     argv = json.loads(entrypoint)  # exec form is a JSON array; shell form would not parse
-    assert argv == ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
-    assert not effective(stages, target, "CMD"), "CMD would be appended to gunicorn's argv"
+    assert argv == ["python", "-m", "aisight.serve"]
+    assert not effective(stages, target, "CMD"), "CMD would be appended to the supervisor's argv"
+    runs = " ".join(effective(stages, target, "RUN"))
+    assert "nginx-light" in runs, "the front proxy aisight.serve starts must be in the image"
 
     env = effective_env(stages, target)
     workdir = effective(stages, target, "WORKDIR")[-1]

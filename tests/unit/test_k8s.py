@@ -314,6 +314,34 @@ def test_container_port_is_where_gunicorn_binds(variant, render):
     assert f"0.0.0.0:{port}" in binds
     assert settings["workers"] == int(env["WEB_CONCURRENCY"])
     assert not settings["preload_app"], "TensorFlow is not fork-safe: no preload"
+    # The container runs aisight.serve: nginx listens on HOST:PORT, gunicorn on its private socket.
+    from aisight.serve import Settings, render_nginx
+
+    front = Settings.from_env(env)
+    assert (front.host, front.port) == ("0.0.0.0", port)
+    assert f"listen 0.0.0.0:{port} " in render_nginx(front, Path("/tmp/run"))
+
+
+@pytest.mark.parametrize("variant", SERVING)
+def test_graceful_stop_fits_the_grace_period(variant, render):
+    """preStop sleep + drain + nginx's and gunicorn's graceful stops fit terminationGracePeriodSeconds."""
+    from aisight.serve import GUNICORN_GRACE, NGINX_GRACE, Settings
+
+    docs = render(variant)
+    _, pod, container = server(docs)
+    env = container_env(docs, container)
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = Settings.from_env(env).drain_seconds
+    assert drain > 0, "readiness must turn 503 for a while before nginx stops accepting"
+    needed = int(command[1]) + drain + NGINX_GRACE + 5 + GUNICORN_GRACE
+    assert pod["terminationGracePeriodSeconds"] >= needed
+    graceful = subprocess.run(
+        [sys.executable, "-c", "import runpy; print(runpy.run_path('gunicorn.conf.py')['graceful_timeout'])"],
+        cwd=ROOT, env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert int(graceful.stdout.split()[-1]) < GUNICORN_GRACE, "the supervisor must outwait gunicorn's own stop"
 
 
 @pytest.mark.parametrize("variant", SERVING)
