@@ -230,16 +230,23 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 def app_server(model_dir: Path, workdir: Path, workers: int, threads: int, precision: str = "float32",
                extra: dict[str, str] | None = None, root: Path = ROOT, backend: str = "auto") -> Server:
-    """The app as ``make run`` starts it: gunicorn with gunicorn.conf.py, on a free port (from ``root``)."""
+    """The app as ``make run`` starts it (nginx + gunicorn, aisight.serve) on a free port (from ``root``).
+
+    The per-client rate limit is off: every bench request comes from 127.0.0.1. An older checkout without
+    aisight/serve.py (``--before``) runs gunicorn alone, as it did then.
+    """
     port = free_port()
     env = _env({
         "PYTHONPATH": str(root),
         "HOST": HOST, "PORT": str(port), "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(threads),
         "AISIGHT_MODEL_DIR": str(model_dir), "AISIGHT_PRECISION": precision, "GUNICORN_LOG_LEVEL": "warning",
-        "AISIGHT_BACKEND": backend,
+        "AISIGHT_BACKEND": backend, "AISIGHT_RATE_LIMIT": "off",
         **(extra or {}),
     })
-    cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
+    if (root / "aisight" / "serve.py").is_file():
+        cmd = [sys.executable, "-m", "aisight.serve"]
+    else:
+        cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
     freeze = env.get("AISIGHT_FREEZE", "background")
     short = {"openvino": "ov ", "tensorflow": "tf "}.get(env["AISIGHT_BACKEND"], "")
     name = f"app {short}{precision} {workers}x{threads}" + ("" if freeze == "background" else f" freeze={freeze}")
@@ -276,8 +283,13 @@ class Level:
     steal_pct: float = float("nan")  # CPU time the hypervisor gave to other guests during the level
 
 
-def drive(port: int, bodies: list[bytes], concurrency: int, n_requests: int, time_cap: float) -> tuple:
-    """Send ``n_requests`` (fewer if ``time_cap`` passes) from ``concurrency`` keep-alive clients."""
+def drive(port: int, bodies: list[bytes], concurrency: int, n_requests: int, time_cap: float,
+          backoff: float = 0.0) -> tuple:
+    """Send ``n_requests`` (fewer if ``time_cap`` passes) from ``concurrency`` keep-alive clients.
+
+    ``backoff``: seconds a client waits after an answer that is not 200 (a client that was shed and
+    retries), so the shed requests themselves do not become the load.
+    """
     lock = threading.Lock()
     issued = [0]
     latencies: list[float] = []
@@ -311,6 +323,8 @@ def drive(port: int, bodies: list[bytes], concurrency: int, n_requests: int, tim
                 statuses[key] = statuses.get(key, 0) + 1
                 if key == "200":
                     latencies.append(dt)
+            if key != "200" and backoff:
+                time.sleep(backoff)
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
@@ -417,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=64, help="measured requests per level")
     ap.add_argument("--time-cap", type=float, default=90.0, help="seconds per level at most")
     ap.add_argument("--sizes", default="400,12mp", help="photo kinds: 400 (real 400x400) and/or 12mp")
-    ap.add_argument("--workers", type=int, default=1, help="app: gunicorn workers")
-    ap.add_argument("--threads", type=int, default=8, help="app: threads per worker")
+    ap.add_argument("--workers", type=int, default=2, help="app: gunicorn workers")
+    ap.add_argument("--threads", type=int, default=4, help="app: threads per worker")
     ap.add_argument("--precisions", default=",".join(default_precisions()),
                     help="app servers to run, one per precision (float32, bf16) and backend")
     ap.add_argument("--backends", default="openvino",
