@@ -97,3 +97,26 @@ def test_other_heads_and_trainable_all():
 def test_every_base_builds_at_128(arch):
     """All 17 bases take 128x128x3 raw RGB with the paper's head (minutes on a CPU: slow)."""
     _check_paper_model(build_model(arch, weights="none"), arch)
+
+
+def test_export_leaves_the_optimizer_out(tmp_path):
+    """A compiled, trained model is exported with its weights only: the same answers, no Adam moments."""
+    import zipfile
+
+    import keras
+
+    from aisight.artifact import load_model
+    from training.export import export_artifact
+
+    model = build_model("TinyNet", weights="none")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.random.default_rng(0).uniform(0, 255, (8, 128, 128, 3)).astype("float32")
+    model.fit(x, keras.utils.to_categorical(np.arange(8) % 2, 2), epochs=1, verbose=0)
+    export_artifact(model, tmp_path, {"name": "t", "architecture": "TinyNet"})
+    with zipfile.ZipFile(tmp_path / "model.keras") as z:
+        import h5py
+
+        with z.open("model.weights.h5") as f, h5py.File(f) as h5:
+            assert "optimizer" not in h5, "Adam's moments would triple the file"
+    again = load_model(tmp_path)
+    np.testing.assert_allclose(again(x, training=False), model(x, training=False), atol=1e-6)
