@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, action="append", help="data folders (repeat or join with commas)")
     p.add_argument("--out", required=True, help="folder for evaluation.md, evaluation.json, predictions.npz")
     p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
+    p.add_argument("--exclude-seen-by", action="append", default=[], metavar="DIR",
+                   help="also leave out the training and validation patients of this artifact (repeat): "
+                        "compare two models on the same photos")
     p.add_argument("--all-photos", action="store_true",
                    help="also photos of patients the model trained on (not a fair measure; for inspection)")
     p.add_argument("--write-card", action="store_true",
@@ -199,7 +202,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from training.evaluate import evaluate_model
 
         evaluate_model(args.model, args.data, args.out, args.cache or default_cache(), all_photos=args.all_photos,
-                       write_card=args.write_card)
+                       write_card=args.write_card, exclude_seen_by=args.exclude_seen_by)
         return 0
     if args.command == "select":
         from training.stages import STAGE2_LOSSES, STAGE2_OPTIMIZERS, Selection, parse_list, select, stage_defaults

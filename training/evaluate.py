@@ -181,10 +181,12 @@ def evaluate_model(
     all_photos: bool = False,
     log: Callable[[str], None] = print,
     write_card: bool = False,
+    exclude_seen_by: Sequence[str | Path] = (),
 ) -> dict:
     """Evaluate the artifact in ``model_dir`` on ``data`` and write evaluation.md/.json into ``out``;
     ``write_card`` also records the per-task figures in the model card (``evaluation``), which the
-    result page shows."""
+    result page shows. ``exclude_seen_by``: other artifacts whose training and validation patients are
+    left out too, so that two models are compared on the same photos, unseen by both."""
     from aisight.artifact import load_model, read_card
     from training.data import load_arrays, load_sources
 
@@ -195,6 +197,10 @@ def evaluate_model(
     if not all_photos:
         seen = trained_patients(model_dir, card)
         excluded = sum(s.patient_id in seen for s in samples)
+        samples = [s for s in samples if s.patient_id not in seen]
+    for other in exclude_seen_by:
+        seen = trained_patients(other, read_card(other))
+        excluded += sum(s.patient_id in seen for s in samples)
         samples = [s for s in samples if s.patient_id not in seen]
     log(f"{len(samples)} photos ({excluded} of patients the model trained or was tuned on left out)")
     x, _, samples, bad = load_arrays(samples, cache_dir, preprocessing=preprocessing)
@@ -209,6 +215,7 @@ def evaluate_model(
         "data": str(data),
         "photos": len(samples),
         "excluded_trained_photos": excluded,
+        "excluded_seen_by": [str(o) for o in exclude_seen_by],
         "tasks": task_metrics(samples, prob, threshold),
         "classes": class_metrics(samples, prob, threshold),
         "shortcut_probe": shortcut_probe(features, samples),
@@ -219,8 +226,9 @@ def evaluate_model(
     (out / "evaluation.md").write_text(markdown(result))
     np.savez_compressed(out / "predictions.npz", prob=prob, path=np.array([s.path for s in samples]))
     if write_card:
-        if all_photos:
-            raise ValueError("--write-card needs held-out photos: drop --all-photos")
+        if all_photos or exclude_seen_by:
+            raise ValueError("--write-card records the model's own held-out photos: drop --all-photos and "
+                             "--exclude-seen-by")
         import datetime as dt
 
         from aisight.artifact import write_card as save_card
@@ -251,7 +259,9 @@ def markdown(r: dict) -> str:
         f"# Evaluation of {m['name']} {m['version']} ({m['architecture']}, input {m.get('preprocessing') or 'resize'})",
         "",
         f"{r['photos']} photos from {r['data']}; {r['excluded_trained_photos']} photos of patients the model "
-        f"trained or was tuned on left out. Threshold {r['threshold']:.4f} (the model card's).",
+        f"trained or was tuned on left out"
+        + (f" (also those of {', '.join(r['excluded_seen_by'])})" if r.get("excluded_seen_by") else "")
+        + f". Threshold {r['threshold']:.4f} (the model card's).",
         "",
         "## Tasks (source-controlled first)",
         "",

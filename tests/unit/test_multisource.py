@@ -144,3 +144,14 @@ def test_train_resume_and_evaluate_end_to_end(folders, tmp_path):
     evaluated = {patient[p] for p in np.load(tmp_path / "eval" / "predictions.npz")["path"]}
     assert evaluated == set(split["test"]) and result["excluded_trained_photos"] > 0
     assert "## Shortcut probe" in (tmp_path / "eval" / "evaluation.md").read_text()
+    # Another model's training and validation patients are left out too: two models, the same photos.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_card.json").write_text((tmp_path / "model" / "model_card.json").read_text())
+    half = sorted(split["test"])[: len(split["test"]) // 2]
+    (other / "split_patients.json").write_text(json.dumps({"train": half[:1], "val": half[1:], "test": []}))
+    both = _cli("evaluate", "--model", str(tmp_path / "model"), "--data", data, "--out", str(tmp_path / "eval2"),
+                "--cache", str(tmp_path / "cache"), "--exclude-seen-by", str(other), cwd=tmp_path)
+    assert both.returncode == 0, both.stderr[-3000:]
+    kept = {patient[p] for p in np.load(tmp_path / "eval2" / "predictions.npz")["path"]}
+    assert kept == set(split["test"]) - set(half) and kept
