@@ -23,7 +23,10 @@ ENV PATH=/opt/venv/bin:$PATH
 
 # Dependencies first, so code changes do not invalidate this layer.
 COPY requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir -r /tmp/requirements.txt
+# The package index of the machine that builds (tools/image.py passes it as a secret): mounted for this
+# step only, never written into a layer. Without it pip uses PyPI.
+RUN --mount=type=secret,id=pipconf,target=/etc/pip.conf \
+    pip install --no-cache-dir -r /tmp/requirements.txt
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime

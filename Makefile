@@ -9,7 +9,7 @@ SHARED ?= ../shared/data
 ALL_DATA ?= $(SHARED)/fundus-eye4,$(SHARED)/eyepacs-256,$(SHARED)/idrid-diaretdb1-dr
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run nginx test test-all lint model model-v2 evaluate report select bench bench-train venv venv-dev browser
+.PHONY: run nginx test test-all lint image image-gpu image-train image-test image-test-gpu model model-v2 evaluate report select bench bench-train venv venv-dev browser
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,3 +79,20 @@ bench: $(VENV)/.dev
 
 bench-train: $(VENV)/.dev
 	$(PY) bench/train_throughput.py
+
+# Container images (tools/image.py): docker build where an engine runs, else buildah on a Debian base
+# made by mmdebstrap (both installed from Debian when missing). Names and tags: the k8s overlays'.
+image: $(VENV)/.runtime
+	$(PY) tools/image.py build cpu
+image-gpu: $(VENV)/.runtime
+	$(PY) tools/image.py build gpu
+image-train: $(VENV)/.runtime
+	$(PY) tools/image.py build train
+
+# Build the CPU image, run its entrypoint as its user, compare its answers with make run's on real photos.
+image-test: $(VENV)/.runtime nginx
+	$(PY) tools/image.py test
+
+# Build the GPU images and check that CUDA's libraries load in them (no GPU needed).
+image-test-gpu: $(VENV)/.runtime
+	$(PY) tools/image.py test-gpu

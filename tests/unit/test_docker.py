@@ -271,6 +271,21 @@ def test_image_names_are_distinct():
     }
 
 
+def shell_of(run: str) -> str:
+    """The shell command of a RUN instruction, without its leading flags (``--mount=...``)."""
+    return re.sub(r"^(\s*--\S+\s*(\\\n)?)+", "", run)
+
+
+def test_run_mounts_the_package_index_as_a_secret_only():
+    """pip's index comes in as a build secret (never an ARG or ENV that a layer or the history keeps)."""
+    for dockerfile in DOCKERFILES:
+        stages = parse_dockerfile(ROOT / dockerfile)
+        installs = [a for a in stages[0].all("RUN") if "pip install" in a]
+        assert installs and all(a.startswith("--mount=type=secret,id=pipconf,target=/etc/pip.conf") for a in installs)
+        for stage in stages:
+            assert not any("PIP_INDEX" in a or "pip.conf" in a for a in stage.all("ARG") + stage.all("ENV"))
+
+
 def test_gpu_build_swaps_tensorflow_for_cuda_build(tmp_path):
     """Run the GPU build's dependency step on the real requirements.txt with a recording pip."""
     stages = parse_dockerfile(ROOT / "Dockerfile.gpu")
@@ -283,7 +298,7 @@ def test_gpu_build_swaps_tensorflow_for_cuda_build(tmp_path):
     fake_pip.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > pip-args.txt\n')
     fake_pip.chmod(0o755)
     subprocess.run(
-        ["sh", "-c", steps[0]],
+        ["sh", "-c", shell_of(steps[0])],
         cwd=tmp_path,
         env={"PATH": f"{bindir}:/usr/bin:/bin"},
         check=True,
@@ -303,7 +318,7 @@ def test_gpu_build_fails_without_tensorflow_pin(tmp_path):
     """A renamed or removed pin must stop the build, not ship a TensorFlow without CUDA."""
     step = [a for a in parse_dockerfile(ROOT / "Dockerfile.gpu")[0].all("RUN") if "tensorflow" in a][0]
     (tmp_path / "requirements.txt").write_text("tensorflow==2.21.0\nflask==3.1.3\n")
-    result = subprocess.run(["sh", "-c", step], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["sh", "-c", shell_of(step)], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "no tensorflow-cpu" in result.stderr
 
