@@ -26,6 +26,7 @@ COPY requirements.txt /tmp/requirements.txt
 # The package index of the machine that builds (tools/image.py passes it as a secret): mounted for this
 # step only, never written into a layer. Without it pip uses PyPI.
 RUN --mount=type=secret,id=pipconf,target=/etc/pip.conf \
+    --mount=type=secret,id=pipca \
     pip install --no-cache-dir -r /tmp/requirements.txt
 
 # -------------------------------------------------------------- runtime stage

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASE_DEFAULT = "python:3.11-slim-bookworm"
 LOCAL_BASE = "localhost/aisight-base:bookworm"
+CA_SECRET = "/run/secrets/pipca"  # where a RUN step with --mount=type=secret,id=pipca finds it
 # What the slim Python image brings that a minbase Debian lacks (python -> python3, venv, TLS roots).
 BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
 # (Dockerfile, target or None, overlay that deploys it)
@@ -71,10 +72,12 @@ def ensure_debian_tools(*names: str) -> None:
     run(["apt-get", "install", "-y", "-qq", *missing], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def pip_secret() -> Path:
-    """A pip.conf with this machine's http(s) package index settings only (local paths mean nothing inside)."""
+def pip_secret() -> tuple[Path, Path | None]:
+    """A pip.conf with this machine's http(s) package index settings only (local paths mean nothing inside),
+    and the CA bundle pip trusts here, if any: the two build secrets."""
     out = configparser.ConfigParser()
     out["global"] = {}
+    cert = None
     listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
     for line in listing.stdout.splitlines():
         key, _, value = line.partition("=")
@@ -84,13 +87,19 @@ def pip_secret() -> Path:
             urls = [u for u in value.split() if not u.startswith("file:")]
             if urls:
                 out["global"][option] = " ".join(urls)
+        if option == "cert" and value:
+            cert = value
     for env, option in (("PIP_INDEX_URL", "index-url"), ("PIP_EXTRA_INDEX_URL", "extra-index-url")):
         if os.environ.get(env):
             out["global"][option] = os.environ[env]
+    cert = os.environ.get("PIP_CERT") or cert
+    if cert and Path(cert).is_file():
+        # The CA bundle this machine trusts (a TLS-inspecting proxy's CA, say) arrives as the pipca secret.
+        out["global"]["cert"] = CA_SECRET
     fd, path = tempfile.mkstemp(prefix="aisight-pip-", suffix=".conf")
     with os.fdopen(fd, "w") as f:
         out.write(f)
-    return Path(path)
+    return Path(path), Path(cert) if cert and Path(cert).is_file() else None
 
 
 def buildah_base() -> str:
@@ -124,10 +133,12 @@ def build(kind: str) -> str:
     """Build one image; return its reference."""
     dockerfile, target, _ = IMAGES[kind]
     ref = image_ref(kind)
-    secret = pip_secret()
+    secret, ca = pip_secret()
+    empty = Path(tempfile.mkstemp(prefix="aisight-ca-")[1])
     t0 = time.monotonic()
     try:
-        common = ["-f", dockerfile, "-t", ref, "--secret", f"id=pipconf,src={secret}"]
+        common = ["-f", dockerfile, "-t", ref, "--secret", f"id=pipconf,src={secret}",
+                  "--secret", f"id=pipca,src={ca or empty}"]
         if target:
             common += ["--target", target]
         if docker_works():
@@ -139,6 +150,7 @@ def build(kind: str) -> str:
                  *common, "."], cwd=ROOT)
     finally:
         secret.unlink(missing_ok=True)
+        empty.unlink(missing_ok=True)
     say(f"built {ref} in {time.monotonic() - t0:.0f}s")
     return ref
 

@@ -20,7 +20,7 @@ def test_image_names_and_tags_are_the_overlays():
 def test_pip_secret_keeps_http_indexes_and_drops_local_paths(monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "https://extra.example/simple")
-    path = pip_secret()
+    path, ca = pip_secret()
     try:
         cfg = configparser.ConfigParser()
         cfg.read(path)
@@ -28,6 +28,8 @@ def test_pip_secret_keeps_http_indexes_and_drops_local_paths(monkeypatch):
         assert cfg["global"]["extra-index-url"] == "https://extra.example/simple"
         text = path.read_text()
         assert "file:" not in text and "find-links" not in text and "constraint" not in text
+        if ca is not None:  # the bundle goes in as its own secret; the config names where it is mounted
+            assert cfg["global"]["cert"] == "/run/secrets/pipca" and ca.is_file()
     finally:
         path.unlink()
 
