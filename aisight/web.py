@@ -296,17 +296,31 @@ def task_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     where = "held-out patients" if evaluation.get("tasks") else "test patients"
     rows = []
-    for t in sorted(tasks.values(), key=lambda t: not t.get("controlled")):
-        lo, hi = t.get("auc_ci95") or (float("nan"), float("nan"))
+    ordered = sorted(tasks.values(), key=lambda t: not t.get("controlled"))
+    for t in (t for t in ordered if t.get("controlled")):
+        rows.append(_task_row(where, t))
+    # The estimate of a new clinic: trained without a source, tested on it (after the controlled tasks).
+    for lo_run in card.get("leave_one_source_out") or []:
+        lo, hi = lo_run.get("auc_ci95") or (float("nan"), float("nan"))
         rows.append((
-            f"{where} · {t['title']}",
-            f"AUC {t['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}); sensitivity {t['sensitivity']:.2f}, "
-            f"specificity {t['specificity']:.2f} ({t['negatives']} healthy, {t['positives']} diseased)",
+            f"source left out of training · {lo_run['left_out']}",
+            f"AUC {lo_run['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}) on {lo_run['tested_on']} ({lo_run['model']})",
         ))
+    for t in (t for t in ordered if not t.get("controlled")):
+        rows.append(_task_row(where, t))
     sources = (card.get("training") or {}).get("sources")
     if sources:
         rows.append(("validated on sources", ", ".join(sources)))
     return rows
+
+
+def _task_row(where: str, t: dict[str, Any]) -> tuple[str, str]:
+    lo, hi = t.get("auc_ci95") or (float("nan"), float("nan"))
+    return (
+        f"{where} · {t['title']}",
+        f"AUC {t['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}); sensitivity {t['sensitivity']:.2f}, "
+        f"specificity {t['specificity']:.2f} ({t['negatives']} healthy, {t['positives']} diseased)",
+    )
 
 
 def card_metrics(card: dict[str, Any]) -> list[tuple[str, str]]:

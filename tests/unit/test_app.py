@@ -151,6 +151,26 @@ def test_result_shows_card_metrics_generically(model_dir, tmp_path):
     assert "Demonstration model" not in html
 
 
+def test_result_headlines_controlled_then_left_out_source_figures(model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    card = json.loads((d / "model_card.json").read_text())
+    task = {"auc": 0.7, "auc_ci95": [0.6, 0.8], "sensitivity": 0.9, "specificity": 0.4, "negatives": 5, "positives": 6}
+    card["evaluation"] = {"tasks": {
+        "raw_dr": {**task, "title": "raw camera DR vs ODIR normal", "controlled": False},
+        "odir": {**task, "title": "ODIR normal vs glaucoma/cataract", "controlled": True},
+    }}
+    card["leave_one_source_out"] = [{"left_out": "IDRiD", "tested_on": "290 IDRiD photos vs 165 ODIR normals",
+                                     "auc": 0.902, "auc_ci95": [0.871, 0.929], "model": "proxy network"}]
+    (d / "model_card.json").write_text(json.dumps(card))
+    html = post_image(ready_app(d).test_client(), fundus_jpeg(), url="/").get_data(as_text=True)
+    order = [html.index(t) for t in ("ODIR normal vs", "source left out of training · IDRiD", "raw camera DR vs")]
+    assert order == sorted(order), "controlled, then left-out source, then the uncontrolled task"
+    assert "AUC 0.90 (95% CI 0.87-0.93)" in html
+
+
 # ------------------------------------------------------------------------------------------ the API
 
 
