@@ -25,7 +25,9 @@ from pathlib import Path
 from tools.image import ROOT, build, docker_works, say
 
 APP_UID = 10001
-TEMP_DIRS = ("tmp", "var/tmp", "run/lock", "dev/shm")
+TEMP_DIRS = ("tmp", "var/tmp", "run/lock")
+# Replaced by the container runtime at start (device nodes, kernel views): not the image's files.
+RUNTIME_DIRS = ("proc", "sys", "dev")
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -104,7 +106,7 @@ def sha(path: Path) -> str:
 def writable_by_app(root: Path) -> list[str]:
     """Paths under ``root`` (the image's file system) the app user could write, outside the temp dirs."""
     found = []
-    skip = {root / d for d in ("proc", "sys", *TEMP_DIRS)}
+    skip = {root / d for d in (*RUNTIME_DIRS, *TEMP_DIRS)}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = [d for d in dirnames if here / d not in skip]
