@@ -57,6 +57,8 @@ COPY aisight/ aisight/
 COPY training/ training/
 COPY templates/ templates/
 COPY static/ static/
+# Alembic migrations: `flask --app app db upgrade` (the k8s migrate Job) runs from this image.
+COPY migrations/ migrations/
 COPY model/ model/
 # Byte-compile now: at run time the root filesystem is read-only.
 RUN python -m compileall -q app.py gunicorn.conf.py aisight training

@@ -9,7 +9,7 @@ SHARED ?= ../shared/data
 ALL_DATA ?= $(SHARED)/fundus-eye4,$(SHARED)/eyepacs-256,$(SHARED)/idrid-diaretdb1-dr
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run nginx test test-all lint image image-gpu image-train image-test image-test-gpu model model-v2 evaluate report select bench bench-train venv venv-dev browser
+.PHONY: run nginx postgres test test-all lint image image-gpu image-train image-test image-test-gpu model model-v2 evaluate report select bench bench-train venv venv-dev browser
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,20 @@ venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
 # nginx (buffering, timeouts, body cap, admission, rate limit) in front of gunicorn: aisight/serve.py.
-run: $(VENV)/.runtime nginx
-	HOST=$(HOST) PORT=$(PORT) $(PY) -m aisight.serve
+# The clinicians' side is on (AISIGHT_STORE=on): a SQLite database and a session key under var/, both made
+# on first start. AISIGHT_STORE=off make run serves the anonymous screening page and API alone.
+run: $(VENV)/.runtime nginx var/secret_key
+	HOST=$(HOST) PORT=$(PORT) AISIGHT_STORE=$${AISIGHT_STORE:-on} AISIGHT_SECRET_KEY_FILE=$(CURDIR)/var/secret_key \
+	  $(PY) -m aisight.serve
+
+var/secret_key:
+	mkdir -p var && (umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@)
+
+# Debian's PostgreSQL for the database tests (each runs on SQLite and on a real server the suite starts).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	  || echo "postgresql not installed: the PostgreSQL half of the database tests will skip"; }
 
 # Debian's nginx-light for the front proxy: installed when missing and we may (root + apt).
 nginx:
@@ -43,11 +55,11 @@ browser:
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 
-test: $(VENV)/.dev browser nginx lint
+test: $(VENV)/.dev browser nginx postgres lint
 	$(PY) -m pytest -q
 
 # Slow tests too (longer training runs).
-test-all: $(VENV)/.dev browser nginx
+test-all: $(VENV)/.dev browser nginx postgres
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # Retrain the bundled model from the shared photos with the committed config (about 1.5 h on 2 CPU cores).

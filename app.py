@@ -7,20 +7,24 @@ the fundus-photo gate off);
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
-from aisight import explain, web
+from aisight import accounts, cli, explain, store, web
 from aisight.artifact import DEFAULT_MODEL_DIR
 from aisight.gate import gate_enabled
 from aisight.limits import body_limit
 from aisight.metrics import Metrics
 from aisight.predictor import Predictor
+from aisight.store import database_url, store_enabled
 
 log = logging.getLogger("aisight.app")
 
@@ -42,13 +46,37 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "MODEL_LOAD": env.get("AISIGHT_MODEL_LOAD") or "background",
         "PREDICTOR": None,
     }
+    # The clinicians' side (accounts; a database): AISIGHT_STORE=on, which `make run` sets.
+    cfg.update({
+        "STORE": store_enabled(env),
+        "DATABASE_URL": database_url(env),
+        # Migrate on start, unless someone did before: aisight.serve migrates once before the workers start,
+        # a k8s Job runs `flask --app app db upgrade` before a rollout.
+        "DB_UPGRADE": (env.get("AISIGHT_DB_UPGRADE") or "on").strip().lower() in ("1", "on", "true", "yes"),
+        "SECRET_KEY": env.get("SECRET_KEY") or _read_secret(env.get("AISIGHT_SECRET_KEY_FILE")),
+        "SESSION_HOURS": float(env.get("AISIGHT_SESSION_HOURS") or 12),
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SECURE": (env.get("AISIGHT_SECURE_COOKIES") or "off").strip().lower() in ("1", "on", "true"),
+    })
+    if Path(sys.argv[0]).name == "flask" and "run" not in sys.argv[1:2]:
+        cfg["MODEL_LOAD"] = "none"  # an operator command (users, db): no model needed
     cfg.update(overrides or {})
+    cfg["PERMANENT_SESSION_LIFETIME"] = dt.timedelta(hours=cfg["SESSION_HOURS"])
+    if cfg["STORE"] and not cfg["SECRET_KEY"]:
+        raise ValueError("AISIGHT_STORE=on needs SECRET_KEY (or AISIGHT_SECRET_KEY_FILE): `make run` makes one in var/")
     if cfg["MODEL_LOAD"] not in LOAD_MODES:
         raise ValueError(f"MODEL_LOAD must be one of {LOAD_MODES}, got {cfg['MODEL_LOAD']!r}")
     mb = cfg["MAX_UPLOAD_MB"]
     cfg["MAX_UPLOAD_MB"] = int(mb) if float(mb).is_integer() else mb
     cfg["MAX_CONTENT_LENGTH"] = body_limit(cfg["MAX_UPLOAD_MB"])
     return cfg
+
+
+def _read_secret(path: str | None) -> str | None:
+    if path and Path(path).is_file():
+        return Path(path).read_text().strip() or None
+    return None
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -62,6 +90,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     predictor = app.config["PREDICTOR"] or Predictor(app.config["MODEL_DIR"])
     app.extensions["aisight"] = {"predictor": predictor, "metrics": metrics}
     web.init_app(app)
+    cli.init_app(app)
+    if app.config["STORE"]:
+        store.init_app(app)
+        accounts.init_app(app)
 
     mode = app.config["MODEL_LOAD"]
     if mode == "sync":

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aisight.limits import body_limit
+from aisight.store import database_url, store_enabled, upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).with_name("nginx.conf.in")
@@ -182,6 +183,8 @@ class Supervisor:
         self.drain = False
 
     def start(self) -> None:
+        if store_enabled():  # once, before the workers: two workers migrating at once would race
+            upgrade(database_url())
         self.conf.write_text(render_nginx(self.s, self.run, as_root=os.geteuid() == 0))
         check = subprocess.run([self.nginx, "-t", "-q", "-c", str(self.conf), "-p", str(self.run), "-e", "stderr"],
                                capture_output=True, text=True)
@@ -194,6 +197,7 @@ class Supervisor:
             "GUNICORN_THREADS": str(self.s.threads),
             "AISIGHT_QUEUE_MAX": str(self.s.queue),
             "AISIGHT_MODEL_LOAD": os.environ.get("AISIGHT_MODEL_LOAD") or "sync",
+            "AISIGHT_DB_UPGRADE": "off",
         }
         self.gunicorn = subprocess.Popen(gunicorn_command(), cwd=ROOT, env=env)
         self.proxy = subprocess.Popen([self.nginx, "-c", str(self.conf), "-p", str(self.run), "-e", "stderr"])

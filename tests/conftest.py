@@ -70,3 +70,53 @@ def artifacts_dir() -> Path:
     """Where tests keep what a person may want to look at afterwards (screenshots)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian's package) in a temporary folder, on a unix socket only.
+
+    Yields a function that makes a fresh, empty database and returns its SQLAlchemy URL.
+    """
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+    import uuid
+
+    initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdbs:
+        pytest.skip("PostgreSQL is not installed: `make postgres` installs Debian's package")
+    bindir = Path(initdbs[-1]).parent
+    base = Path(tempfile.mkdtemp(prefix="aisight-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = base / "data"
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "aisight", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                    f"-k {base} -c listen_addresses='' -F", "start"], check=True, capture_output=True)
+
+    def new_database() -> str:
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(host=str(base), user="aisight", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://aisight@/{name}?host={base}"
+
+    try:
+        yield new_database
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Every database test runs on SQLite and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'aisight.db'}"
+    return request.getfixturevalue("postgres_server")()
