@@ -81,7 +81,7 @@ def check_csrf() -> None:
     sent = request.form.get("csrf_token", "")
     mine = session.get("csrf")
     if not isinstance(mine, str) or not hmac.compare_digest(sent.encode(), mine.encode()):
-        from aisight.web import ApiError
+        from aisight.pipeline import ApiError
 
         raise ApiError("csrf_failed", "This form has expired or did not come from this site. Reload the page "
                        "and try again.", 403)

@@ -2,46 +2,36 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flask import Blueprint, Flask, Request, Response, current_app, jsonify, render_template, request
-from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from aisight import explain
 from aisight.artifact import card_summary
-from aisight.fundus import crop_relative
-from aisight.gate import check_fundus
-from aisight.predictor import ModelNotReady, Predictor
-from aisight.preprocess import SUPPORTED_FORMATS, ImageError, model_input_and_crop, open_image
+from aisight.pipeline import (
+    EXPLAIN_FAILED,
+    ApiError,
+    Screening,
+    api_explanation,
+    display_image,
+    page_heatmap,
+    predictor,
+    screen,
+)
+from aisight.predictor import ModelNotReady
+from aisight.preprocess import ImageError
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
 
 FIELD = "image"
-# The result page shows the upload as a data: URL (nothing is written to disk) no larger than this.
-DISPLAY_MAX_SIDE = 768
-# The result page's heatmap layer: upsampled here to this many pixels a side before colouring (the
-# browser stretches it the rest of the way), and more opaque than the API's overlay (0.45), since the
-# page shows the plain photo too, one tap away.
-HEATMAP_LAYER_SIDE = 64
-HEATMAP_LAYER_ALPHA = 0.6
-# Within this distance of the threshold the page says the result is uncertain.
-NEAR_THRESHOLD = 0.1
 NOTICE = (
     "AI-Sight is a screening aid, not a diagnosis. Only an eye-care professional can diagnose eye disease."
 )
-# The class each label's heatmap explains (the model's outputs are [healthy, diseased]).
-CLASS_INDEX = {"healthy": 0, "diseased": 1}
 # Query values that ask the API for an explanation (?explain=1).
 TRUE_VALUES = ("1", "true", "yes", "on")
-EXPLAIN_FAILED = "The heatmap could not be made for this photo. The result itself is not affected."
 NEXT_STEPS = {
     "diseased": (
         "Book an appointment with an eye doctor (ophthalmologist or optometrist) soon and show them this photo "
@@ -87,27 +77,6 @@ HTTP_CODES = {
 }
 
 
-class ApiError(Exception):
-    """A request the app refuses: an HTTP status, a stable machine code and a message for people.
-
-    A gate refusal (422) also carries a ``hint`` (what to do instead) and the gate's ``measures``.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        status: int = 400,
-        headers: dict[str, str] | None = None,
-        *,
-        hint: str | None = None,
-        measures: dict[str, float] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status, self.headers = code, message, status, headers or {}
-        self.hint, self.measures = hint, measures
-
-
 class MemoryRequest(Request):
     """A request whose uploaded files stay in memory (Werkzeug spools files over 500 KB to disk).
 
@@ -119,31 +88,6 @@ class MemoryRequest(Request):
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
 
-
-@dataclass(frozen=True)
-class Screening:
-    """One answered prediction, with what an explanation needs (kept in memory for this request only)."""
-
-    label: str
-    probability: float
-    threshold: float
-    card: dict[str, Any]
-    decode_seconds: float
-    predict_seconds: float
-    photo: Image.Image = field(repr=False)  # what the model looked at: the upload (upright RGB), or its field crop
-    model_input: np.ndarray = field(repr=False)  # the 128x128x3 array the model classified
-    # The square the model input came from, as fractions of the upload's width and height (fundus-v2
-    # input); the displayed photo is cropped the same way so that the heatmap lies on what it explains.
-    crop: tuple[float, float, float, float] | None = None
-
-    @property
-    def uncertain(self) -> bool:
-        return abs(self.probability - self.threshold) < NEAR_THRESHOLD
-
-
-def predictor() -> Predictor:
-    """The current app's predictor."""
-    return current_app.extensions["aisight"]["predictor"]
 
 
 def read_upload() -> bytes:
@@ -161,96 +105,6 @@ def read_upload() -> bytes:
     return data
 
 
-def require_ready() -> Predictor:
-    """Return the predictor if it answers predictions; otherwise refuse with 503 (never a made-up answer)."""
-    p = predictor()
-    if p.ready:
-        return p
-    if p.state == "loading":
-        raise ApiError(
-            "model_loading", "The model is still loading. Try again in a few seconds.", 503, {"Retry-After": "5"}
-        )
-    raise ApiError("model_unavailable", "The screening model is not available, so no photo can be screened now.", 503)
-
-
-def upload_size(data: bytes) -> tuple[int, int] | None:
-    """The upload's own (width, height) from its header: ``open_image`` may have decoded it smaller."""
-    try:
-        with Image.open(io.BytesIO(data), formats=sorted(SUPPORTED_FORMATS)) as img:
-            return img.size
-    except Exception:  # noqa: BLE001 - open_image already read it; without a size the gate uses the decoded one
-        return None
-
-
-def screen(data: bytes) -> Screening:
-    """Turn uploaded bytes into a screening result with the served model, or refuse them (gate, 422)."""
-    p = require_ready()
-    metrics = current_app.extensions["aisight"]["metrics"]
-    t0 = time.perf_counter()
-    img = open_image(data)  # decoded once: the gate, the model input and any explanation share it
-    t1 = time.perf_counter()
-    if current_app.config["GATE"]:
-        v = check_fundus(img, upload_size(data))
-        metrics.stage.labels("gate").observe(time.perf_counter() - t1)
-        if not v.ok:
-            metrics.gate_refusals.labels(v.code).inc()
-            raise ApiError(v.code, v.message, 422, hint=v.hint, measures=v.measures)
-    t2 = time.perf_counter()
-    # = preprocess_bytes(data, preprocessing=...), what training's preprocess_path gives, without a second decode
-    arr, crop = model_input_and_crop(img, p.preprocessing)
-    if crop is not None:
-        img = crop_relative(img, crop)
-    t3 = time.perf_counter()
-    probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
-    t4 = time.perf_counter()
-    threshold = p.threshold
-    label = "diseased" if probability >= threshold else "healthy"
-    decode = (t1 - t0) + (t3 - t2)
-    metrics.stage.labels("decode").observe(decode)
-    metrics.stage.labels("predict").observe(t4 - t3)
-    metrics.predictions.labels(label).inc()
-    return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr, crop)
-
-
-def heatmap(s: Screening) -> np.ndarray | None:
-    """Grad-CAM of the answered class for ``s``, or None when it fails (logged: never fails the request)."""
-    p = predictor()
-    metrics = current_app.extensions["aisight"]["metrics"]
-    t0 = time.perf_counter()
-    try:
-        model = p.explain_model()  # waits only in the first seconds after start (OpenVINO serving)
-        heat = explain.gradcam(model, s.model_input, s.card.get("gradcam_layer"), class_index=CLASS_INDEX[s.label])
-    except Exception:  # noqa: BLE001 - the result stands without its heatmap
-        log.warning("Grad-CAM failed on %s; answering without a heatmap", request.path, exc_info=True)
-        metrics.explain_failures.inc()
-        return None
-    metrics.stage.labels("explain").observe(time.perf_counter() - t0)
-    return heat
-
-
-def api_explanation(s: Screening) -> dict[str, Any] | None:
-    """The ``explanation`` member of the API answer: the heatmap blended over the photo, as a base64 PNG."""
-    heat = heatmap(s)
-    if heat is None:
-        return None
-    try:
-        png = explain.overlay_png(s.photo, heat)
-        layer = explain.target_layer(predictor().explain_model(), s.card.get("gradcam_layer"))
-    except Exception:  # noqa: BLE001 - as in heatmap(): the result stands
-        log.warning("Grad-CAM overlay failed on %s; answering without it", request.path, exc_info=True)
-        current_app.extensions["aisight"]["metrics"].explain_failures.inc()
-        return None
-    with Image.open(io.BytesIO(png)) as im:  # the header only: the size the overlay came out at
-        width, height = im.size
-    return {
-        "png_base64": base64.b64encode(png).decode("ascii"),
-        "media_type": "image/png",
-        "width": width,
-        "height": height,
-        "layer": layer,
-        "class": s.label,
-    }
-
 
 def api_answer(s: Screening) -> dict[str, Any]:
     """The JSON body of a successful ``POST /api/v1/predict``."""
@@ -264,21 +118,6 @@ def api_answer(s: Screening) -> dict[str, Any]:
     if s.card.get("warning"):
         body["warning"] = s.card["warning"]
     return body
-
-
-def display_image(
-    data: bytes, max_side: int = DISPLAY_MAX_SIDE, crop: tuple[float, float, float, float] | None = None
-) -> tuple[str, int, int]:
-    """Return the upload, upright and downscaled (and cropped as the model's input was), as a JPEG data:
-    URL plus its width and height."""
-    # Draft to at least half the display size: a 12 MP JPEG then decodes at 1/4 scale (1000x750), not 1/2.
-    img = open_image(data, draft_size=(max_side // 2, max_side // 2))
-    if crop is not None:
-        img = crop_relative(img, crop)
-    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.width, img.height
 
 
 # Cards written by `python -m training train` hold {part: {subset: {metric: value}}}; a reader wants
@@ -379,24 +218,6 @@ def index() -> str:
     """The upload page."""
     return render_template("index.html", error=None, **_page_context())
 
-
-def page_heatmap(s: Screening) -> dict[str, Any] | None:
-    """The result page's heatmap layer: a small RGBA PNG (data: URL) the browser stretches over the photo."""
-    heat = heatmap(s)
-    if heat is None:
-        return None
-    side = max(HEATMAP_LAYER_SIDE, *heat.shape)
-    try:
-        png = explain.heatmap_png(heat, (side, side), alpha=HEATMAP_LAYER_ALPHA)
-    except Exception:  # noqa: BLE001 - as in heatmap(): the result stands
-        log.warning("heatmap PNG failed; showing the result without it", exc_info=True)
-        current_app.extensions["aisight"]["metrics"].explain_failures.inc()
-        return None
-    return {
-        "url": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
-        # An all-zero map: no region raised the answered class's score more than another.
-        "flat": not bool(np.any(heat > 0)),
-    }
 
 
 @bp.post("/")

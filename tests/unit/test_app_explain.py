@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from aisight import explain
-from aisight.web import CLASS_INDEX
+from aisight.pipeline import CLASS_INDEX
 from app import create_app
 from tests.conftest import fundus_jpeg
 from tests.unit.test_app import encode, metric, post_image, ready_app

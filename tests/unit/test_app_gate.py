@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from aisight.gate import MESSAGES
+from aisight.pipeline import upload_size
 from aisight.preprocess import open_image
-from aisight.web import upload_size
 from app import create_app
 from bench.gate_thresholds import degrade, generated_negatives
 from tests.conftest import fundus_jpeg
