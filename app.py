@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import Flask
 
-from aisight import accounts, cli, explain, store, web
+from aisight import accounts, cli, explain, mydata, store, web
 from aisight.artifact import DEFAULT_MODEL_DIR
 from aisight.gate import gate_enabled
 from aisight.limits import body_limit
@@ -94,6 +94,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if app.config["STORE"]:
         store.init_app(app)
         accounts.init_app(app)
+        mydata.init_app(app)
 
     mode = app.config["MODEL_LOAD"]
     if mode == "sync":

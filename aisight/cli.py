@@ -93,6 +93,21 @@ def reset_password(username: str, password_stdin: bool) -> None:
     click.echo(f"password reset for {username}")
 
 
+@click.command("purge")
+@click.option("--days", type=float, default=None, help="retention in days (default AISIGHT_RETENTION_DAYS, 365)")
+def purge_command(days: float | None) -> None:
+    """Delete consented uploads older than the retention period (run it daily: a k8s CronJob or cron)."""
+    import os
+
+    from aisight.store.records import purge
+
+    days = days if days is not None else float(os.environ.get("AISIGHT_RETENTION_DAYS") or 365)
+    with _store().session() as s:
+        n = purge(s, days)
+        s.add(AuditEvent(user_id=None, actor="cli", action="purge", target="", address="", detail=f"{n} photos"))
+    click.echo(f"deleted {n} consented photos older than {days:g} days")
+
+
 @database.command("upgrade")
 def db_upgrade() -> None:
     """Apply every migration to DATABASE_URL (run before a rollout: the k8s migrate Job)."""
@@ -103,6 +118,7 @@ def db_upgrade() -> None:
 def init_app(app: Flask) -> None:
     app.cli.add_command(users)
     app.cli.add_command(database)
+    app.cli.add_command(purge_command)
 
 
 @click.group()
@@ -112,6 +128,7 @@ def main() -> None:
 
 main.add_command(users)
 main.add_command(database)
+main.add_command(purge_command)
 
 if __name__ == "__main__":
     main()

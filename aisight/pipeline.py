@@ -76,6 +76,7 @@ class Screening:
     # The square the model input came from, as fractions of the upload's width and height (fundus-v2
     # input); the displayed photo is cropped the same way so that the heatmap lies on what it explains.
     crop: tuple[float, float, float, float] | None = None
+    measures: dict[str, float] | None = None  # the gate's measures (None with the gate off)
 
     @property
     def uncertain(self) -> bool:
@@ -135,7 +136,8 @@ def screen(data: bytes) -> Screening:
     metrics.stage.labels("decode").observe(decode)
     metrics.stage.labels("predict").observe(t4 - t3)
     metrics.predictions.labels(label).inc()
-    return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr, crop)
+    measures = v.measures if current_app.config["GATE"] else None
+    return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr, crop, measures)
 
 
 def heatmap(s: Screening) -> np.ndarray | None:

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Flask, Request, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from aisight.accounts import audit, check_csrf
 from aisight.artifact import card_summary
 from aisight.pipeline import (
     EXPLAIN_FAILED,
@@ -22,6 +23,8 @@ from aisight.pipeline import (
 )
 from aisight.predictor import ModelNotReady
 from aisight.preprocess import ImageError
+from aisight.store import db
+from aisight.store.records import new_receipt, store_photo
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
@@ -224,11 +227,21 @@ def index() -> str:
 def submit() -> str:
     """The upload form's target: the result page (works without JavaScript)."""
     data = read_upload()
+    # Stored only with the explicit, unticked-by-default consent, and only when the store is on.
+    consent = current_app.config["STORE"] and request.form.get("consent") == "yes"
+    if consent:
+        check_csrf()
     s = screen(data)
+    receipt = None
+    if consent:
+        receipt = new_receipt()
+        photo_row = store_photo(db(), s, data, kind="consent", receipt=receipt)
+        audit("consented_upload", f"photo:{photo_row.public_id}")
     photo, width, height = display_image(data, crop=s.crop)
     return render_template(
         "result.html",
         s=s,
+        receipt=receipt,
         photo=photo,
         photo_width=width,
         photo_height=height,
