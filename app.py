@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import Flask
 
-from aisight import accounts, cli, explain, mydata, store, web
+from aisight import accounts, cli, explain, mydata, review, store, visits, web
 from aisight.artifact import DEFAULT_MODEL_DIR
 from aisight.gate import gate_enabled
 from aisight.limits import body_limit
@@ -95,6 +95,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         store.init_app(app)
         accounts.init_app(app)
         mydata.init_app(app)
+        visits.init_app(app)
+        review.init_app(app)
 
     mode = app.config["MODEL_LOAD"]
     if mode == "sync":
