@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-openvino", help="add the OpenVINO IR (the app's CPU fast path) to a model artifact")
     p.add_argument("--model", default="model", help="artifact folder with model.keras (default: model)")
 
+    p = sub.add_parser("export-reviewed", help="the clinician-reviewed photos of the app's database (DATABASE_URL) "
+                       "as a data folder (manifest.csv + photos) that train --data accepts")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--database-url", default=None, help="default: DATABASE_URL, else the SQLite file under var/")
+
     p = sub.add_parser("report", help="Markdown report + PNG plots of a selection (--out) or a train run (--run)")
     p.add_argument("--out", default=None, help="selection folder (report.md goes there), or with --run the "
                                                "report's folder")
@@ -234,6 +239,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"python -m training export-openvino: error: {exc}", file=sys.stderr)
             return 2
         print(f"{Path(args.model) / ov_backend.IR_FILE}: {json.dumps(info)}")
+        return 0
+    if args.command == "export-reviewed":
+        from training.reviewed import export_reviewed
+
+        print(json.dumps(export_reviewed(args.out, args.database_url)))
         return 0
     if args.command == "report":
         from training.report import write_run_report, write_selection_report

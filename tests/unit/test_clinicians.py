@@ -136,3 +136,39 @@ def test_record_ids_are_not_guessable(clinic):
         photo = s.scalars(select(StoredPhoto)).one()
     assert c.get(f"/photos/{photo.id}").status_code == 404  # the row number reaches nothing
     assert c.get("/visits/1").status_code == 404
+
+
+def test_reviewed_photos_become_a_training_folder(clinic, database_url, tmp_path):
+    """export-reviewed writes the shared data's format, and the training loader reads it beside other folders."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from training.data import load_sources
+
+    alice = signed_in(clinic, "alice")
+    url = open_visit(alice, "PT-9")
+    add_eye(alice, url, "left", 1)
+    add_eye(alice, url, "right", 2)
+    with clinic.extensions["aisight"]["store"].session() as s:
+        left, right = (p.public_id for p in s.scalars(select(StoredPhoto).order_by(StoredPhoto.id)))
+    for reader in ("alice", "bob"):
+        c = signed_in(clinic, reader)
+        c.post(f"/review/{left}", data={"reading": "diseased", "finding": "glaucoma",
+                                         "csrf_token": csrf(c, f"/review/{left}")})
+        # right: one healthy, one ungradable reading -> healthy
+        reading = "healthy" if reader == "alice" else "ungradable"
+        c.post(f"/review/{right}", data={"reading": reading, "csrf_token": csrf(c, f"/review/{right}")})
+    out = tmp_path / "reviewed"
+    r = subprocess.run([sys.executable, "-m", "training", "export-reviewed", "--out", str(out), "--database-url",
+                        database_url], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"diseased": 1, "healthy": 1}
+    ds = load_sources(str(out))
+    by_label = {s.original_label: s for s in ds.samples}
+    assert set(by_label) == {"glaucoma", "normal"}
+    assert len({s.patient_id for s in ds.samples}) == 1  # both eyes of PT-9: one patient
+    assert {s.source for s in ds.samples} == {"aisight-visit"}
+    assert (out / by_label["glaucoma"].path).read_bytes()[:2] == b"\xff\xd8"
