@@ -48,6 +48,7 @@ VARIANTS = {
     "gpu+prometheus-hpa": ("overlays/gpu", ("prometheus-hpa",)),
     "cpu+https": ("overlays/cpu", ("https",)),
     "cpu+ingress-nginx": ("overlays/cpu", ("ingress-nginx",)),
+    "cpu+store": ("overlays/cpu", ("store",)),
 }
 SERVING = [v for v in VARIANTS if v != "training"]
 DEPLOYED = [v for v in VARIANTS if v not in ("base",)]  # have real image names
@@ -138,6 +139,9 @@ def all_containers(pod: dict) -> list[dict]:
     return pod.get("initContainers", []) + pod["containers"]
 
 
+SECRET_STANDINS = {"database-url": "sqlite:////tmp/aisight-k8s-test/aisight.db", "secret-key": "k8s-test-secret-key"}
+
+
 def container_env(docs, container: dict) -> dict[str, str]:
     """The environment a container gets: envFrom ConfigMaps, then env values on top."""
     env: dict[str, str] = {}
@@ -147,6 +151,8 @@ def container_env(docs, container: dict) -> dict[str, str]:
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
+        elif "secretKeyRef" in item.get("valueFrom", {}):  # a hand-made Secret's value: a stand-in here
+            env[item["name"]] = SECRET_STANDINS[item["valueFrom"]["secretKeyRef"]["key"]]
     return env
 
 
@@ -860,3 +866,27 @@ def test_grid_step_resumes_with_a_merge_patch(fake_api):
 
 def test_grid_step_usage(fake_api):
     assert fake_api("frobnicate", "x").returncode == 2
+
+
+def test_store_component_keeps_pods_stateless(render):
+    """The clinicians' side: secrets from a Secret, no schema change in the pods, a migrate Job from the same image."""
+    docs = render("cpu+store")
+    _, _, container = server(docs)
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["AISIGHT_STORE"]["value"] == "on" and env["AISIGHT_DB_UPGRADE"]["value"] == "off"
+    for name in ("DATABASE_URL", "SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "aisight-store", name
+    job = one(docs, "Job", "aisight-migrate")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["image"] == container["image"]
+    assert migrate["command"] == ["python", "-m", "aisight.cli", "db", "upgrade"]
+    from aisight.cli import main
+
+    assert main.get_command(None, "db").get_command(None, "upgrade") is not None
+    assert main.get_command(None, "purge") is not None
+    cron = one(docs, "CronJob", "aisight-purge")
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"] == container["image"]
+    assert not any(d.get("kind") == "Secret" for d in docs), "secrets are made by hand, never committed"
+    assert one(render("cpu"), "Deployment", "aisight")  # without the component: no database at all
+    base_env = {e["name"] for e in server(render("cpu"))[2].get("env", [])}
+    assert "DATABASE_URL" not in base_env
