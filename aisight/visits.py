@@ -16,7 +16,7 @@ from sqlalchemy import select
 from aisight.accounts import audit, current_user, login_required
 from aisight.pipeline import display_image, heatmap, screen
 from aisight.store import db
-from aisight.store.models import StoredPhoto, Visit
+from aisight.store.models import StoredPhoto, User, Visit
 from aisight.store.records import new_public_id, store_photo
 
 bp = Blueprint("visits", __name__)
@@ -113,7 +113,9 @@ def report(public_id: str):
 
     visit = visit_for_user(public_id)
     audit("report_viewed", f"visit:{visit.public_id}")
-    return render_template("report.html", visit=visit, photos=photos_of(visit), eyes=EYES, notice=NOTICE)
+    clinician = db().get(User, visit.clinician_id)
+    return render_template("report.html", visit=visit, photos=photos_of(visit), eyes=EYES, notice=NOTICE,
+                           clinician=clinician.username if clinician else "")
 
 
 @bp.get("/photos/<public_id>")
