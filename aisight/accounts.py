@@ -192,6 +192,14 @@ def home():
     return render_template("account.html", user=current_user())
 
 
+@bp.get("/audit")
+@login_required("admin")
+def audit_log():
+    """The newest 500 audit events (admins only)."""
+    rows = db().scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(500)).all()
+    return render_template("audit.html", events=rows)
+
+
 def init_app(app: Flask) -> None:
     """Register the account views and ``csrf_token`` for templates."""
     app.register_blueprint(bp)

@@ -172,3 +172,17 @@ def test_reviewed_photos_become_a_training_folder(clinic, database_url, tmp_path
     assert len({s.patient_id for s in ds.samples}) == 1  # both eyes of PT-9: one patient
     assert {s.source for s in ds.samples} == {"aisight-visit"}
     assert (out / by_label["glaucoma"].path).read_bytes()[:2] == b"\xff\xd8"
+
+
+def test_visit_uploads_keep_every_bad_input_rule_and_admins_read_the_audit_log(clinic):
+    c = signed_in(clinic, "alice")
+    url = open_visit(c)
+    bad = {"image": (io.BytesIO(b"%PDF-1.4 not a photo"), "x.pdf"), "csrf_token": csrf(c, url)}
+    r = c.post(f"{url}/eye/left", data=bad, content_type="multipart/form-data")
+    assert r.status_code == 415
+    r = c.post(f"{url}/eye/left", data={"csrf_token": csrf(c, url)}, content_type="multipart/form-data")
+    assert r.status_code == 400
+    assert c.post(f"{url}/eye/middle", data={"csrf_token": csrf(c, url)}).status_code == 404
+    assert c.get("/audit").status_code == 403  # a clinician does not read the audit log
+    log = signed_in(clinic, "root").get("/audit").get_data(as_text=True)
+    assert 'data-action="visit_created"' in log and 'data-action="login"' in log
