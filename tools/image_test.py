@@ -227,7 +227,9 @@ def test_gpu() -> int:
             subprocess.run(["buildah", "rm", ctr], capture_output=True)
         size = subprocess.run(["buildah", "images", "--format", "{{.Size}}", ref], capture_output=True,
                               text=True).stdout.strip()
-        say(f"{ref} ({size}): " + (result.stdout.strip() or result.stderr[-2000:]))
+        say(f"{ref} ({size}): {result.stdout.strip()}")
+        if result.returncode:
+            say(f"FAILED in {ref}:\n{result.stderr[-3000:]}")
         failures += result.returncode != 0
     say(f"image-test-gpu took {time.monotonic() - t0:.0f}s")
     print("image-test-gpu: " + ("FAILED" if failures else "OK"))
