@@ -24,7 +24,7 @@ from aisight.gate import gate_enabled
 from aisight.limits import body_limit
 from aisight.metrics import Metrics
 from aisight.predictor import Predictor
-from aisight.store import database_url, store_enabled
+from aisight.store import database_url, env_flag, store_enabled
 
 log = logging.getLogger("aisight.app")
 
@@ -52,12 +52,12 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "DATABASE_URL": database_url(env),
         # Migrate on start, unless someone did before: aisight.serve migrates once before the workers start,
         # a k8s Job runs `flask --app app db upgrade` before a rollout.
-        "DB_UPGRADE": (env.get("AISIGHT_DB_UPGRADE") or "on").strip().lower() in ("1", "on", "true", "yes"),
+        "DB_UPGRADE": env_flag("AISIGHT_DB_UPGRADE", True, env),
         "SECRET_KEY": env.get("SECRET_KEY") or _read_secret(env.get("AISIGHT_SECRET_KEY_FILE")),
         "SESSION_HOURS": float(env.get("AISIGHT_SESSION_HOURS") or 12),
         "SESSION_COOKIE_SAMESITE": "Lax",
         "SESSION_COOKIE_HTTPONLY": True,
-        "SESSION_COOKIE_SECURE": (env.get("AISIGHT_SECURE_COOKIES") or "off").strip().lower() in ("1", "on", "true"),
+        "SESSION_COOKIE_SECURE": env_flag("AISIGHT_SECURE_COOKIES", False, env),
     })
     if Path(sys.argv[0]).name == "flask" and "run" not in sys.argv[1:2]:
         cfg["MODEL_LOAD"] = "none"  # an operator command (users, db): no model needed

@@ -37,8 +37,13 @@ def _store() -> Store:
     return Store(url)
 
 
-def _audit(s, action: str, user: User) -> None:
-    s.add(AuditEvent(user_id=user.id, actor="cli", action=action, target=f"user:{user.id}", address="", detail=""))
+def _audit(s, action: str, user: User | None = None, detail: str = "") -> None:
+    s.add(AuditEvent(user_id=user.id if user else None, actor="cli", action=action,
+                     target=f"user:{user.id}" if user else "", address="", detail=detail))
+
+
+def _end_sessions(s, user: User) -> None:
+    s.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
 
 
 @users.command("create")
@@ -74,7 +79,7 @@ def disable_user(username: str) -> None:
     with _store().session() as s:
         user = _find(s, username)
         user.active = False
-        s.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
+        _end_sessions(s, user)
         _audit(s, "user_disabled", user)
     click.echo(f"disabled {username}")
 
@@ -88,7 +93,7 @@ def reset_password(username: str, password_stdin: bool) -> None:
     with _store().session() as s:
         user = _find(s, username)
         user.password_hash, user.active = hashed, True
-        s.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
+        _end_sessions(s, user)
         _audit(s, "password_reset", user)
     click.echo(f"password reset for {username}")
 
@@ -104,7 +109,7 @@ def purge_command(days: float | None) -> None:
     days = days if days is not None else float(os.environ.get("AISIGHT_RETENTION_DAYS") or 365)
     with _store().session() as s:
         n = purge(s, days)
-        s.add(AuditEvent(user_id=None, actor="cli", action="purge", target="", address="", detail=f"{n} photos"))
+        _audit(s, "purge", detail=f"{n} photos")
     click.echo(f"deleted {n} consented photos older than {days:g} days")
 
 

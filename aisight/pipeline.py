@@ -60,7 +60,6 @@ class ApiError(Exception):
         self.hint, self.measures = hint, measures
 
 
-
 @dataclass(frozen=True)
 class Screening:
     """One answered prediction, with what an explanation needs (kept in memory for this request only)."""
@@ -116,17 +115,16 @@ def screen(data: bytes) -> Screening:
     t0 = time.perf_counter()
     img = open_image(data)  # decoded once: the gate, the model input and any explanation share it
     t1 = time.perf_counter()
+    measures = None
     if current_app.config["GATE"]:
         v = check_fundus(img, upload_size(data))
         metrics.stage.labels("gate").observe(time.perf_counter() - t1)
         if not v.ok:
             metrics.gate_refusals.labels(v.code).inc()
             raise ApiError(v.code, v.message, 422, hint=v.hint, measures=v.measures)
+        measures = v.measures
     t2 = time.perf_counter()
-    # = preprocess_bytes(data, preprocessing=...), what training's preprocess_path gives, without a second decode
-    arr, crop = model_input_and_crop(img, p.preprocessing)
-    if crop is not None:
-        img = crop_relative(img, crop)
+    img, arr, crop = _model_input(img, p)
     t3 = time.perf_counter()
     probability = p.predict_one(arr)  # ModelNotReady here (the model went away) is answered 503 below
     t4 = time.perf_counter()
@@ -136,8 +134,22 @@ def screen(data: bytes) -> Screening:
     metrics.stage.labels("decode").observe(decode)
     metrics.stage.labels("predict").observe(t4 - t3)
     metrics.predictions.labels(label).inc()
-    measures = v.measures if current_app.config["GATE"] else None
     return Screening(label, probability, threshold, p.card or {}, decode, t4 - t3, img, arr, crop, measures)
+
+
+def _model_input(img: Image.Image, p: Predictor) -> tuple[Image.Image, np.ndarray, tuple | None]:
+    """(what the model looks at, its input array, the crop) for a decoded photo: the served preprocessing."""
+    # = preprocess_bytes(data, preprocessing=...), what training's preprocess_path gives, without a second decode
+    arr, crop = model_input_and_crop(img, p.preprocessing)
+    return (crop_relative(img, crop) if crop is not None else img), arr, crop
+
+
+def stored_screening(data: bytes, label: str, probability: float, threshold: float) -> Screening:
+    """A kept photo with its kept answer, ready for ``heatmap``: decoded and prepared as ``screen`` does, but
+    neither gated nor predicted again (it explains the answer that was given, and counts no new prediction)."""
+    p = require_ready()
+    img, arr, crop = _model_input(open_image(data), p)
+    return Screening(label, probability, threshold, p.card or {}, 0.0, 0.0, img, arr, crop)
 
 
 def heatmap(s: Screening) -> np.ndarray | None:
@@ -180,11 +192,11 @@ def api_explanation(s: Screening) -> dict[str, Any] | None:
     }
 
 
-def display_image(
+def display_jpeg(
     data: bytes, max_side: int = DISPLAY_MAX_SIDE, crop: tuple[float, float, float, float] | None = None
-) -> tuple[str, int, int]:
-    """Return the upload, upright and downscaled (and cropped as the model's input was), as a JPEG data:
-    URL plus its width and height."""
+) -> tuple[bytes, int, int]:
+    """Return the upload, upright and downscaled (and cropped as the model's input was), as JPEG bytes
+    plus its width and height."""
     # Draft to at least half the display size: a 12 MP JPEG then decodes at 1/4 scale (1000x750), not 1/2.
     img = open_image(data, draft_size=(max_side // 2, max_side // 2))
     if crop is not None:
@@ -192,8 +204,15 @@ def display_image(
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.width, img.height
+    return buf.getvalue(), img.width, img.height
 
+
+def display_image(
+    data: bytes, max_side: int = DISPLAY_MAX_SIDE, crop: tuple[float, float, float, float] | None = None
+) -> tuple[str, int, int]:
+    """``display_jpeg`` as a data: URL (the result page embeds it: nothing is written to disk)."""
+    jpeg, width, height = display_jpeg(data, max_side, crop)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"), width, height
 
 
 def page_heatmap(s: Screening) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aisight.limits import body_limit
-from aisight.store import database_url, store_enabled, upgrade
+from aisight.store import database_url, env_flag, store_enabled, upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).with_name("nginx.conf.in")
@@ -149,7 +149,7 @@ def render_nginx(s: Settings, run: Path, as_root: bool = False) -> str:
 
 def find_nginx() -> str | None:
     """Return the nginx binary (PATH, then Debian's /usr/sbin), or None."""
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 
 
 def gunicorn_command() -> list[str]:
@@ -183,11 +183,9 @@ class Supervisor:
         self.drain = False
 
     def start(self) -> None:
-        if store_enabled():  # once, before the workers: two workers migrating at once would race
-            upgrade(database_url())
         self.conf.write_text(render_nginx(self.s, self.run, as_root=os.geteuid() == 0))
-        check = subprocess.run([self.nginx, "-t", "-q", "-c", str(self.conf), "-p", str(self.run), "-e", "stderr"],
-                               capture_output=True, text=True)
+        nginx = [self.nginx, "-c", str(self.conf), "-p", str(self.run), "-e", "stderr"]
+        check = subprocess.run([*nginx, "-t", "-q"], capture_output=True, text=True)
         if check.returncode:
             raise ConfigError(f"nginx refused its config {self.conf}:\n{check.stderr.strip()}")
         env = {
@@ -197,10 +195,9 @@ class Supervisor:
             "GUNICORN_THREADS": str(self.s.threads),
             "AISIGHT_QUEUE_MAX": str(self.s.queue),
             "AISIGHT_MODEL_LOAD": os.environ.get("AISIGHT_MODEL_LOAD") or "sync",
-            "AISIGHT_DB_UPGRADE": "off",
         }
         self.gunicorn = subprocess.Popen(gunicorn_command(), cwd=ROOT, env=env)
-        self.proxy = subprocess.Popen([self.nginx, "-c", str(self.conf), "-p", str(self.run), "-e", "stderr"])
+        self.proxy = subprocess.Popen(nginx)
         _say(f"nginx on http://{self.s.host}:{self.s.port} -> gunicorn {self.s.workers} workers x "
              f"{self.s.threads} threads (admits {self.s.admit}), rate limit {self.s.rate or 'off'}")
 
@@ -251,6 +248,10 @@ def main() -> int:
     except ConfigError as exc:
         _say(f"configuration error: {exc}")
         return 2
+    if store_enabled() and env_flag("AISIGHT_DB_UPGRADE", True):
+        # Once, before any worker starts (with nginx or without): two workers migrating at once would race.
+        upgrade(database_url())
+        os.environ["AISIGHT_DB_UPGRADE"] = "off"
     nginx = find_nginx()
     if (os.environ.get("AISIGHT_PROXY") or "nginx").strip().lower() == "off" or nginx is None:
         if nginx is None:

@@ -6,18 +6,19 @@ pipeline as the anonymous page (``aisight.pipeline.screen``) and are kept with t
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import re
 
 from flask import Blueprint, Flask, Response, abort, redirect, render_template, request, url_for
 from sqlalchemy import select
 
+from aisight import explain
 from aisight.accounts import audit, current_user, login_required
-from aisight.pipeline import display_image, heatmap, screen
+from aisight.pipeline import display_jpeg, heatmap, screen, stored_screening
 from aisight.store import db
 from aisight.store.models import StoredPhoto, User, Visit
 from aisight.store.records import new_public_id, store_photo
+from aisight.web import NOTICE, read_upload
 
 bp = Blueprint("visits", __name__)
 EYES = ("left", "right")
@@ -84,8 +85,6 @@ def show(public_id: str):
 @login_required("clinician")
 def upload(public_id: str, eye: str):
     """Screen one eye's photo (every check of the anonymous page applies) and keep it with the visit."""
-    from aisight.web import read_upload
-
     if eye not in EYES:
         abort(404)
     visit = visit_for_user(public_id)
@@ -109,8 +108,6 @@ def note(public_id: str):
 @login_required("clinician")
 def report(public_id: str):
     """The printable visit report (the page's print stylesheet makes it a clean A4 page)."""
-    from aisight.web import NOTICE
-
     visit = visit_for_user(public_id)
     audit("report_viewed", f"visit:{visit.public_id}")
     clinician = db().get(User, visit.clinician_id)
@@ -127,21 +124,17 @@ def photo(public_id: str) -> Response:
     if p is None:
         abort(404)
     audit("photo_viewed", f"photo:{p.public_id}")
-    data_url, _, _ = display_image(p.image)
-    return Response(base64.b64decode(data_url.split(",", 1)[1]), mimetype="image/jpeg",
-                    headers={"Cache-Control": "no-store"})
+    return Response(display_jpeg(p.image)[0], mimetype="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
 @bp.get("/photos/<public_id>/heatmap")
 @login_required("clinician")
 def photo_heatmap(public_id: str) -> Response:
-    """Where the model looked on a stored photo (recomputed, never stored)."""
-    from aisight import explain
-
+    """Where the model looked for the kept answer on a stored photo (recomputed, never stored)."""
     p = db().scalar(select(StoredPhoto).where(StoredPhoto.public_id == public_id))
     if p is None:
         abort(404)
-    s = screen(p.image)
+    s = stored_screening(p.image, p.label, p.probability, p.threshold)
     heat = heatmap(s)
     if heat is None:
         abort(404)

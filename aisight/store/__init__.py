@@ -8,7 +8,7 @@ SQLite file under ``var/`` beside the checkout. ``AISIGHT_STORE=on`` turns the c
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,11 +22,17 @@ DEFAULT_URL = f"sqlite:///{ROOT / 'var' / 'aisight.db'}"
 TRUE = ("1", "on", "true", "yes")
 
 
-def store_enabled(env: os._Environ | dict | None = None) -> bool:
-    return ((env if env is not None else os.environ).get("AISIGHT_STORE") or "off").strip().lower() in TRUE
+def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """An on/off setting: 1/on/true/yes is on, any other value off, unset or empty the default."""
+    value = ((env if env is not None else os.environ).get(name) or "").strip().lower()
+    return value in TRUE if value else default
 
 
-def database_url(env: os._Environ | dict | None = None) -> str:
+def store_enabled(env: Mapping[str, str] | None = None) -> bool:
+    return env_flag("AISIGHT_STORE", False, env)
+
+
+def database_url(env: Mapping[str, str] | None = None) -> str:
     return ((env if env is not None else os.environ).get("DATABASE_URL") or DEFAULT_URL).strip()
 
 
