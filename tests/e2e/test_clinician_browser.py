@@ -15,6 +15,7 @@ from tests.e2e.test_browser import VIEWPORTS
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "a long clinic password"
+ALL_IMAGES_SHOWN = "[...document.querySelectorAll('.eye img')].every(i => i.complete && i.naturalWidth > 0)"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,9 @@ def test_a_clinician_visit_on_a_phone(browser, clinic_server, artifacts_dir):
             page.click(f"[data-eye={eye}] button[type=submit]")
             page.wait_for_selector(f"[data-eye={eye}] [data-prediction]")
         assert page.locator("[data-prediction]").count() == 2
-        page.wait_for_function("[...document.querySelectorAll('.eye img')].every(i => i.complete && i.naturalWidth)")
+        # Not wait_for_function: its polling evaluates strings, which the page's CSP (rightly) forbids.
+        page.wait_for_load_state("load")
+        assert page.evaluate(ALL_IMAGES_SHOWN)
         page.screenshot(path=str(artifacts_dir / "clinic-visit-phone.png"), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
@@ -59,8 +62,8 @@ def test_a_clinician_visit_on_a_phone(browser, clinic_server, artifacts_dir):
         page.click("form[action$='/note'] button")
         page.click("text=Printable report")
         page.wait_for_selector("[data-notice=screening-aid]")
-        page.wait_for_function("[...document.querySelectorAll('.eye img')].every(i => i.complete && i.naturalWidth)")
-        assert page.locator(".eye img").count() == 4  # both eyes: photo and heatmap
+        page.wait_for_load_state("load")
+        assert page.locator(".eye img").count() == 4 and page.evaluate(ALL_IMAGES_SHOWN)  # photo + heatmap, both eyes
         page.emulate_media(media="print")
         page.screenshot(path=str(artifacts_dir / "clinic-report-print.png"), full_page=True)
         assert "Refer the right eye." in page.content() and page.locator("header.site").is_hidden()
