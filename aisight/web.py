@@ -25,6 +25,7 @@ from aisight.predictor import ModelNotReady
 from aisight.preprocess import ImageError
 from aisight.store import db
 from aisight.store.records import new_receipt, store_photo
+from aisight.streaming import stream_page
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
@@ -224,7 +225,7 @@ def index() -> str:
 
 
 @bp.post("/")
-def submit() -> str:
+def submit() -> Response:
     """The upload form's target: the result page (works without JavaScript)."""
     data = read_upload()
     # Stored only with the explicit, unticked-by-default consent, and only when the store is on.
@@ -237,15 +238,16 @@ def submit() -> str:
         receipt = new_receipt()
         photo_row = store_photo(db(), s, data, kind="consent", receipt=receipt)
         audit("consented_upload", f"photo:{photo_row.public_id}")
-    photo, width, height = display_image(data, crop=s.crop)
-    return render_template(
+
+    def late_parts() -> dict[str, Any]:  # called by the template once the answer has been sent
+        photo, width, height = display_image(data, crop=s.crop)
+        return {"photo": photo, "photo_width": width, "photo_height": height, "heatmap": page_heatmap(s)}
+
+    return stream_page(
         "result.html",
         s=s,
         receipt=receipt,
-        photo=photo,
-        photo_width=width,
-        photo_height=height,
-        heatmap=page_heatmap(s),
+        late_parts=late_parts,
         summary=card_summary(s.card),
         metrics=card_metrics(s.card),
         notice=NOTICE,

@@ -65,17 +65,43 @@
     parts.progress.hidden = !busy;
   }
 
-  function swapIn(html) {
+  // The server's result page sends its answer first and the photo with its heatmap after (marked by
+  // this comment): the answer is swapped in as soon as it has arrived, the whole page once it has all.
+  const ANSWER_END = "<!--aisight:answer-end-->";
+
+  function swapIn(html, again) {
     const doc = new DOMParser().parseFromString(html, "text/html");
     const next = doc.querySelector("main");
     const main = document.querySelector("main");
     if (!next || !main) return false;
+    const hadFocus = again && document.activeElement && document.activeElement.matches("main h1");
     main.replaceChildren(...Array.from(next.childNodes).map((n) => document.importNode(n, true)));
     document.title = doc.title;
     const heading = main.querySelector("h1");
-    window.scrollTo(0, 0);
-    if (heading) heading.focus();
+    if (!again) {
+      window.scrollTo(0, 0);
+      if (heading) heading.focus();
+    } else if (hadFocus && heading) {
+      heading.focus({ preventScroll: true }); // the same page, completed: the reader stays where it was
+    }
     return true;
+  }
+
+  // Read an HTML answer as it arrives; swap in its answer part early. Returns the whole text.
+  async function readPage(response) {
+    if (!response.body || !response.body.getReader) return { text: await response.text(), early: false };
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let text = "";
+    let early = false;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+      const end = text.indexOf(ANSWER_END);
+      if (!early && end >= 0) early = swapIn(text.slice(0, end + ANSWER_END.length), false);
+    }
+    return { text: text + decoder.decode(), early: early };
   }
 
   async function onSubmit(event) {
@@ -100,16 +126,16 @@
         credentials: "same-origin",
       });
       const type = response.headers.get("Content-Type") || "";
-      const text = await response.text();
       if (type.startsWith("application/json")) {
         // The front proxy's own answers (busy, rate limit, too large) are JSON with a message for people.
+        const text = await response.text();
         setBusy(parts, false);
         showError(parts, jsonMessage(text) || "The server answered HTTP " + response.status + ". Try again.");
         return;
       }
-      if (!(type.startsWith("text/html") && swapIn(text))) {
-        throw new Error("HTTP " + response.status);
-      }
+      if (!type.startsWith("text/html")) throw new Error("HTTP " + response.status);
+      const page = await readPage(response);
+      if (!swapIn(page.text, page.early)) throw new Error("HTTP " + response.status);
     } catch (err) {
       setBusy(parts, false);
       showError(parts, "The photo could not be sent (" + err.message + "). Check your connection and try again.");

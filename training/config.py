@@ -41,6 +41,9 @@ class TrainConfig:
     select_metric: str = "val_auc"
     patience: int = 0  # stop after this many epochs without improvement (0: never)
     time_budget_minutes: float = 0.0  # stop before an epoch that would overrun this wall time (0: none)
+    # A resumed run whose schedule has run out can go on: hold this learning rate for one epoch, then
+    # cosine-decay it to 0 by the (larger) epochs. 0: continue the saved schedule unchanged.
+    restart_lr: float = 0.0
     recalibrate_batches: int = 8
     name: str = "aisight"
     version: str = ""

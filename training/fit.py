@@ -184,6 +184,26 @@ def _lr(cfg: TrainConfig, steps: int):
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
+def _warm_restart(cfg: TrainConfig, model, done: int, steps: int, log: Callable[[str], None]) -> dict | None:
+    """With ``cfg.restart_lr``, give a resumed model a new schedule over epochs done+1..cfg.epochs:
+    the restart rate for one epoch, then cosine to 0. The optimizer keeps its moments and step count;
+    the schedule is saved with it, so a later resume goes on with it. Returns what to record, or None."""
+    import keras
+
+    if not cfg.restart_lr or cfg.epochs <= done:
+        return None
+    at = int(model.optimizer.iterations.numpy())
+    # CosineDecay's warm-up from restart_lr to restart_lr is a constant stretch ending one epoch after
+    # the restart; step counts continue from the checkpoint, so it is offset by the steps already taken.
+    model.optimizer.learning_rate = keras.optimizers.schedules.CosineDecay(
+        cfg.restart_lr, decay_steps=max(1, steps * (cfg.epochs - done - 1)), warmup_target=cfg.restart_lr,
+        warmup_steps=at + steps,
+    )
+    log(f"warm restart after epoch {done}: learning rate {cfg.restart_lr:g} for one epoch, then cosine to 0 "
+        f"by epoch {cfg.epochs}")
+    return {"after_epoch": done, "lr": cfg.restart_lr, "epochs": cfg.epochs}
+
+
 def _score(cfg: TrainConfig, row: dict) -> float:
     if cfg.select_metric == "last":
         return float(row["epoch"])  # every epoch improves on the one before: the final weights are kept
@@ -234,13 +254,14 @@ def fit(
     ckpt = Checkpoint(checkpoint) if checkpoint else None
     history: list[dict[str, float]] = []
     best = {"score": -np.inf, "weights": None, "epoch": -1}
-    stale, first_epoch = 0, 1
+    stale, first_epoch, restart = 0, 1, None
     if resume and ckpt and ckpt.exists():
         model, state = ckpt.load()
         history, stale = state["history"], state["stale"]
         best.update(score=state["best_score"], epoch=state["best_epoch"])
         first_epoch = state["epoch"] + 1
         log(f"resumed from {ckpt.folder} after epoch {state['epoch']} (best epoch {state['best_epoch']})")
+        restart = state.get("restart") or _warm_restart(cfg, model, state["epoch"], steps, log)
     else:
         model = build_model(
             cfg.arch, weights=cfg.weights, head=cfg.head, dropout=cfg.dropout, trainable=cfg.trainable,
@@ -311,7 +332,7 @@ def fit(
             stale += 1
         if ckpt:
             ckpt.save(model, {"epoch": epoch, "best_score": float(best["score"]), "best_epoch": best["epoch"],
-                              "stale": stale, "history": history})
+                              "stale": stale, "history": history, "restart": restart})
         per_task = " ".join(f"{k[8:]} {row[k]:.3f}" for k in row if k.startswith("val_auc_") and np.isfinite(row[k]))
         log(
             f"epoch {epoch}/{cfg.epochs} loss {row['loss']:.4f} acc {row['accuracy']:.3f} | val loss {val_loss:.4f} "

@@ -77,6 +77,7 @@ def test_upload_with_javascript(open_page, server, artifacts_dir, viewport):
     assert page.evaluate("window.__samePage === true"), "the script should show the result without reloading"
     assert label == api_label(server, data)
     assert "picked" in el.get_attribute("class")  # the predicted class is the highlighted one
+    page.wait_for_selector(".photo img")  # the photo and its heatmap follow the answer (aisight.streaming)
     assert page.is_visible(".photo img") and page.evaluate("document.querySelector('.photo img').naturalWidth") > 0
     assert page.is_visible("text=not a diagnosis")
     assert fits_width(page)
@@ -158,6 +159,7 @@ def test_heatmap_toggle(open_page, artifacts_dir, javascript):
     choose(page, fundus_jpeg(diseased=True, size=600, seed=35))
     page.click('button[type="submit"]')
     page.wait_for_selector("[data-prediction]", timeout=60_000)
+    page.wait_for_selector(".photo .heatmap", state="attached")  # it follows the answer
     # The photo first; the heatmap stacked over it, hidden until asked for.
     assert heatmap_visibility(page) == "hidden"
     assert page.evaluate("document.querySelector('.photo .heatmap').naturalWidth") > 0

@@ -114,3 +114,28 @@ def test_gate_and_explanation_over_http(server):
     status, _, body = post(server.url, fundus_jpeg(seed=9), path="/api/v1/predict?explain=1")
     png = base64.b64decode(json.loads(body)["explanation"]["png_base64"])
     assert status == 200 and Image.open(io.BytesIO(png)).size == (400, 400)
+
+
+def test_the_result_page_answers_before_the_rest_arrives(server):
+    """Through the front proxy too, the verdict reaches the browser in a part of its own: the photo and its
+    heatmap, made after it is sent, come later (a proxy that held the page would deliver them together)."""
+    import socket
+    import time
+
+    body, ctype = multipart(fundus_jpeg(diseased=True, size=2400, seed=58))
+    u = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall(f"POST / HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        received, at_answer = b"", None
+        while True:
+            piece = sock.recv(1 << 20)
+            if not piece:
+                break
+            received += piece
+            if at_answer is None and b"<!--aisight:answer-end-->" in received:
+                at_answer = (time.perf_counter(), b"</html>" in received, b'class="heatmap"' in received)
+        done = time.perf_counter()
+    assert received.startswith(b"HTTP/1.1 200") and b"data-prediction" in received and b'class="heatmap"' in received
+    assert at_answer is not None and not at_answer[1] and not at_answer[2], "the answer came with the whole page"
+    print(f"the rest of the page came {1000 * (done - at_answer[0]):.0f} ms after the answer")

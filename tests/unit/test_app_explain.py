@@ -114,7 +114,8 @@ def test_the_heatmap_explains_what_the_model_classified(client, app, monkeypatch
     for diseased in (False, True):
         data = fundus_jpeg(diseased=diseased, seed=54)
         labels.append(post_image(client, data, url="/api/v1/predict?explain=1").get_json()["label"])
-        assert post_image(client, data, url="/").status_code == 200
+        page = post_image(client, data, url="/")  # streamed: the heatmap is made as the body is read
+        assert page.status_code == 200 and b'class="heatmap"' in page.data
     assert len(classified) == len(explained) == 4
     for i, (model, image, layer, class_index) in enumerate(explained):
         assert model is p.model and layer == p.card["gradcam_layer"]
@@ -136,6 +137,29 @@ def test_result_page_has_the_heatmap_layer_and_its_toggle(client):
     layer = data_url_png(html, "heatmap")
     # TinyNet's 16x16 map, upsampled and coloured here; the browser stretches it over the photo.
     assert layer.format == "PNG" and layer.mode == "RGBA" and layer.size == (64, 64)
+
+
+def test_the_result_page_sends_its_answer_before_it_makes_the_heatmap(client, monkeypatch):
+    """The verdict leaves in the first part of the body; Grad-CAM runs only when the rest is read."""
+    made = []
+    real_gradcam = explain.gradcam
+    monkeypatch.setattr(explain, "gradcam", lambda *a, **k: made.append(1) or real_gradcam(*a, **k))
+    r = client.post("/", data={"image": (io.BytesIO(fundus_jpeg(diseased=True, seed=57)), "photo.jpg")},
+                    content_type="multipart/form-data", buffered=False)
+    assert r.status_code == 200 and r.headers["X-Accel-Buffering"] == "no" and not made
+    parts = iter(r.response)
+    first = next(parts).decode()
+    assert not made, "the heatmap was made before the answer was sent"
+    assert "data-prediction" in first and "Probability of disease" in first
+    assert first.endswith("<!--aisight:answer-end-->") and 'class="heatmap"' not in first
+    rest = b"".join(parts).decode()
+    r.close()
+    assert made == [1] and 'class="heatmap"' in rest and rest.rstrip().endswith("</html>")
+
+
+def test_the_stylesheet_shows_the_photo_above_the_answer_that_precedes_it():
+    css = (ROOT / "static" / "style.css").read_text()
+    assert ".result > h1 { order: -2; }" in css and ".result > .looked { order: -1; }" in css
 
 
 def test_the_stylesheet_shows_the_heatmap_only_when_toggled():
