@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,13 @@ def test_train_resume_and_evaluate_end_to_end(folders, tmp_path):
     assert both.returncode == 0, both.stderr[-3000:]
     kept = {patient[p] for p in np.load(tmp_path / "eval2" / "predictions.npz")["path"]}
     assert kept == set(split["test"]) - set(half) and kept
+
+    # A finished run goes on with a warm restart: a new schedule over the added epochs, recorded for resumes.
+    third = _cli("train", *common, "--epochs", "4", "--restart-lr", "0.0003", "--resume", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "warm restart after epoch 2: learning rate 0.0003" in third.stdout and "epoch 4/4" in third.stdout
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 4 and state["restart"] == {"after_epoch": 2, "lr": 0.0003, "epochs": 4}
+    schedule = json.loads(zipfile.ZipFile(tmp_path / "run" / "checkpoint" / "last.keras").read("config.json"))
+    lr = schedule["compile_config"]["optimizer"]["config"]["learning_rate"]["config"]
+    assert lr["warmup_target"] == lr["initial_learning_rate"] == 0.0003
