@@ -125,6 +125,9 @@ def _load(app: Flask, predictor: Predictor, metrics: Metrics) -> None:
 def _record_ready(predictor: Predictor, metrics: Metrics) -> None:
     if predictor.load_seconds is not None:
         metrics.model_load.set(predictor.load_seconds)
+    choice = getattr(predictor, "precision_choice", None)
+    if choice is not None:
+        metrics.model_precision.labels(choice.precision, choice.by).set(1)
     metrics.model_ready.set(1)
 
 

@@ -75,6 +75,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        # What the model computes in (aisight.precision) and how that was decided: timing, setting, rule, cache.
+        self.model_precision = Gauge(
+            "aisight_model_precision", "1 for the precision the model is served in", ["precision", "chosen_by"],
+            registry=r, multiprocess_mode="max",
+        )
         self.model_ready = Gauge(
             "aisight_model_ready", "1 once the model answers predictions", registry=r, multiprocess_mode="livemin"
         )

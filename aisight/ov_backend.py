@@ -27,6 +27,9 @@ from aisight.preprocess import INPUT_SHAPE
 log = logging.getLogger(__name__)
 
 IR_FILE = "model.xml"  # and model.bin beside it (the weights, float32)
+# The same model quantised to int8 by NNCF (python -m training export-openvino --int8), with the card's
+# record of what it changes (precision_check.int8); served only where that record allows it.
+INT8_IR_FILE = "model_int8.xml"
 _RT_KEY = "aisight"  # the IR's runtime-info section holding what it was converted from
 
 
@@ -48,10 +51,10 @@ def available() -> bool:
     return True
 
 
-def has_ir(model_dir: str | Path) -> bool:
-    """Whether ``model_dir`` holds an OpenVINO IR (model.xml and model.bin)."""
+def has_ir(model_dir: str | Path, name: str = IR_FILE) -> bool:
+    """Whether ``model_dir`` holds an OpenVINO IR ``name`` (model.xml and model.bin by default)."""
     d = Path(model_dir)
-    return (d / IR_FILE).is_file() and (d / IR_FILE).with_suffix(".bin").is_file()
+    return (d / name).is_file() and (d / name).with_suffix(".bin").is_file()
 
 
 def export(model, model_dir: str | Path, *, check_images: np.ndarray | None = None) -> dict[str, Any]:
@@ -85,8 +88,7 @@ def export(model, model_dir: str | Path, *, check_images: np.ndarray | None = No
     if not diff <= 1e-4:
         raise ArtifactError(f"OpenVINO IR answers differ from Keras by {diff:.3g} (> 1e-4)")
     info = {"keras_sha256": keras_sha256(model_dir), "openvino_version": ov.get_version(), "max_abs_diff": diff}
-    for key, value in info.items():
-        ir.set_rt_info(str(value), [_RT_KEY, key])
+    stamp(ir, info)
     ov.save_model(ir, model_dir / IR_FILE, compress_to_fp16=False)  # float32 weights: exact float32 serving
     return info
 
@@ -99,9 +101,16 @@ def export_dir(model_dir: str | Path, *, check_images: np.ndarray | None = None)
 
 
 def remove_ir(model_dir: str | Path) -> None:
-    """Delete an IR from ``model_dir`` (a new model.keras makes it stale)."""
-    for name in (IR_FILE, Path(IR_FILE).with_suffix(".bin").name):
-        (Path(model_dir) / name).unlink(missing_ok=True)
+    """Delete the IRs from ``model_dir`` (a new model.keras makes them stale)."""
+    for xml in (IR_FILE, INT8_IR_FILE):
+        for name in (xml, Path(xml).with_suffix(".bin").name):
+            (Path(model_dir) / name).unlink(missing_ok=True)
+
+
+def stamp(ir, info: dict[str, Any]) -> None:
+    """Record ``info`` (the model.keras checksum first of all) in the IR's runtime info."""
+    for key, value in info.items():
+        ir.set_rt_info(str(value), [_RT_KEY, key])
 
 
 class OpenVINOModel:
@@ -115,9 +124,11 @@ class OpenVINOModel:
         import openvino as ov
 
         model_dir = Path(model_dir)
-        path = model_dir / IR_FILE
-        if not has_ir(model_dir):
-            raise ArtifactError(f"no OpenVINO IR in {model_dir} (make it with: python -m training export-openvino)")
+        name = INT8_IR_FILE if precision == "int8" else IR_FILE
+        path = model_dir / name
+        if not has_ir(model_dir, name):
+            raise ArtifactError(f"no OpenVINO IR {name} in {model_dir} (make it with: python -m training "
+                                f"export-openvino{' --int8' if precision == 'int8' else ''})")
         core = ov.Core()
         try:
             ir = core.read_model(path)
@@ -131,7 +142,8 @@ class OpenVINOModel:
                 f"{actual[:12]}...): re-export it with python -m training export-openvino"
             )
         config: dict[str, Any] = {
-            # Explicit, because OpenVINO defaults to bf16 on AMX CPUs: float32 must mean float32.
+            # Explicit, because OpenVINO defaults to bf16 on AMX CPUs: float32 must mean float32 (and int8
+            # means the quantised layers in int8, the rest in float32, as checked).
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time over every thread: the batcher's way
         }

@@ -24,10 +24,8 @@ the background. See docs/performance.md.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,15 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from aisight import tf_backend
 from aisight.artifact import ArtifactError, load_model, read_card
 from aisight.batching import BatcherClosed, MicroBatcher
+from aisight.precision import PRECISIONS, Choice, bf16_native, checked, choose_openvino
 from aisight.preprocess import DEFAULT_PREPROCESSING, INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bf16")
-# The most a reduced precision may move the test split's accuracy (points) to be used without being asked.
-BF16_MAX_ACCURACY_CHANGE = 1.0
 FREEZE_MODES = ("background", "sync", "off")
 BACKENDS = ("auto", "openvino", "tensorflow")
 DEFAULT_MAX_BATCH = 8
@@ -85,8 +82,9 @@ class Predictor:
         precision = (precision or os.environ.get("AISIGHT_PRECISION") or "auto").strip().lower()
         if precision not in PRECISIONS:
             raise ValueError(f"AISIGHT_PRECISION must be one of {PRECISIONS}, got {precision!r}")
-        # Asked for; once loaded, what the model computes in: "float32" or "bf16" (see _resolve_precision).
+        # Asked for; once loaded, what the model computes in: float32, bf16 or int8 (aisight.precision).
         self.precision = precision
+        self.precision_choice: Choice | None = None
         freeze = (freeze or os.environ.get("AISIGHT_FREEZE") or "background").strip().lower()
         if freeze not in FREEZE_MODES:
             raise ValueError(f"AISIGHT_FREEZE must be one of {FREEZE_MODES}, got {freeze!r}")
@@ -136,11 +134,11 @@ class Predictor:
             if self._load_openvino(card, start):
                 return self
             self.backend = "tensorflow"
-            with _without_pyplot():  # the first TensorFlow/Keras import in a serving process
-                self.device = _device_name()
+            with tf_backend.without_pyplot():  # the first TensorFlow/Keras import in a serving process
+                self.device = tf_backend.device_name()
             t_import = time.perf_counter()
             self.precision = self._resolve_precision(card, self.device)
-            model = _load_bf16(self.model_dir) if self.precision == "bf16" else load_model(self.model_dir)
+            model = tf_backend.load_bf16(self.model_dir) if self.precision == "bf16" else load_model(self.model_dir)
             shape = tuple(model.input_shape[1:])
             if shape != INPUT_SHAPE:
                 raise ArtifactError(f"model input shape {shape} != {INPUT_SHAPE}")
@@ -148,7 +146,7 @@ class Predictor:
                 raise ArtifactError(f"model output shape {model.output_shape[1:]} != (2,)")
             self.card, self.model = card, model
             t_model = time.perf_counter()
-            self._infer, self._concrete = _compile(model)
+            self._infer, self._concrete = tf_backend.compile_forward(model)
             self.graph = "traced"
             self._buckets = _buckets(self.max_batch)
             # sync: the frozen graph, warmed on every batch size, answers from the start (if it builds).
@@ -192,16 +190,15 @@ class Predictor:
             if why:
                 log.info("serving with TensorFlow: %s", why)
                 return False
-        precision = self._resolve_precision(card, "cpu")
         t_import = time.perf_counter()
         try:
-            model = ov_backend.OpenVINOModel(self.model_dir, precision, ov_backend.infer_threads())
+            self.precision_choice, model = choose_openvino(self.model_dir, card, self.precision, self.max_batch)
         except Exception as exc:
             if self.backend == "openvino":
                 raise
             log.warning("OpenVINO not used, serving with TensorFlow: %s", exc)
             return False
-        self.card, self.precision, self.device = card, precision, "cpu"
+        self.card, self.precision, self.device = card, model.precision, "cpu"
         self.backend, self.graph, self._infer = "openvino", "openvino", model
         self._buckets = _buckets(self.max_batch)
         t_model = time.perf_counter()
@@ -209,29 +206,35 @@ class Predictor:
         end = self._become_ready(start)
         log.info(
             "model %s %s ready on cpu with OpenVINO %s (%s, %d threads, batches up to %d, wait %.1f ms) in %.2fs: "
-            "card %.2fs, IR %.2fs, warm-up %.2fs", card["name"], card["version"], model.version.split("-")[0],
-            precision, model.threads, self.max_batch, self.max_wait_ms, self.load_seconds, t_import - start,
-            t_model - t_import, end - t_model,
+            "card %.2fs, IR and precision %.2fs, warm-up %.2fs", card["name"], card["version"],
+            model.version.split("-")[0], model.precision, model.threads, self.max_batch, self.max_wait_ms,
+            self.load_seconds, t_import - start, t_model - t_import, end - t_model,
         )
         return True
 
     def _resolve_precision(self, card: dict[str, Any], device: str) -> str:
-        """float32 or bf16 for this model on ``device``, from the setting, the hardware and the card.
+        """float32 or bf16 for TensorFlow on ``device``, from the setting, the hardware and the card.
 
         ``bf16`` is used where the hardware computes it natively; ``auto`` (the default) also needs the
-        model card to record a bf16 check on the test split within BF16_MAX_ACCURACY_CHANGE points
-        (``bench/precision.py --write-card`` measures and records it).
+        model card to record a bf16 check within the bound (``bench/precision.py --write-card``). int8
+        is OpenVINO's only. Not timed: TensorFlow serves on GPUs, where bf16 is the fast path.
         """
-        if self.precision == "float32":
+        if self.precision in ("float32", "int8"):
+            if self.precision == "int8":
+                log.warning("AISIGHT_PRECISION=int8 ignored: only the OpenVINO path serves int8; float32")
+            self.precision_choice = Choice("float32", "setting", f"AISIGHT_PRECISION={self.precision} (TensorFlow)")
             return "float32"
-        if not _bf16_native(device):
+        if not bf16_native(device):
             if self.precision == "bf16":
                 log.warning("AISIGHT_PRECISION=bf16 ignored: %s has no native bf16 (AMX/AVX512-BF16); float32", device)
+            self.precision_choice = Choice("float32", "rule", f"{device} has no native bf16")
             return "float32"
         if self.precision == "bf16":
+            self.precision_choice = Choice("bf16", "setting", "AISIGHT_PRECISION=bf16")
             return "bf16"
-        ok, why = bf16_checked(card)
+        ok, why = checked(card, "bf16")
         log.info("precision auto: %s (%s)", "bf16" if ok else "float32", why)
+        self.precision_choice = Choice("bf16" if ok else "float32", "rule", why)
         return "bf16" if ok else "float32"
 
     def _warm(self, sizes) -> None:
@@ -266,7 +269,7 @@ class Predictor:
                     raise ArtifactError(f"the Keras model for explanations did not load: {self._explain_error}")
                 t0 = time.perf_counter()
                 try:
-                    with _without_pyplot():
+                    with tf_backend.without_pyplot():
                         model = load_model(self.model_dir)
                 except Exception as exc:
                     self._explain_error = str(exc)
@@ -278,7 +281,7 @@ class Predictor:
     def _freeze(self) -> None:
         """Build the frozen graph, warm it on every batch size, check it against the traced one, use it."""
         t0 = time.perf_counter()
-        frozen = _freeze(self._concrete)
+        frozen = tf_backend.freeze(self._concrete)
         probe = np.random.default_rng(0).integers(0, 256, (2, *INPUT_SHAPE), dtype=np.uint8).astype(np.float32)
         for size in self._buckets:
             warm = frozen(np.zeros((size, *INPUT_SHAPE), np.float32))
@@ -294,7 +297,7 @@ class Predictor:
         self._infer = frozen  # one attribute store: a batch runs wholly on one function or the other
         self.graph = "frozen"
         self._concrete = None
-        _release_memory()
+        tf_backend.release_memory()
         self.freeze_seconds = time.perf_counter() - t0
         log.info("frozen graph in use after %.2fs (largest difference from the traced one %.2g)",
                  self.freeze_seconds, diff)
@@ -369,41 +372,6 @@ class Predictor:
         return np.asarray(probs, dtype=np.float64)[:n, 1]
 
 
-@contextlib.contextmanager
-def _without_pyplot():
-    """Import TensorFlow/Keras without matplotlib.pyplot, about 20% of their import time.
-
-    Keras imports pyplot at start only for a plotting helper (keras.visualization) that serving never
-    uses, and falls back to ``plt = None`` when the import fails. Blocked only while Keras first
-    imports, and only if nothing loaded pyplot before: later imports of pyplot work as usual.
-    """
-    if "matplotlib.pyplot" in sys.modules or "keras" in sys.modules:
-        yield
-        return
-    sys.modules["matplotlib.pyplot"] = None  # makes `import matplotlib.pyplot` raise ImportError
-    try:
-        yield
-    finally:
-        if "matplotlib.pyplot" in sys.modules and sys.modules["matplotlib.pyplot"] is None:
-            del sys.modules["matplotlib.pyplot"]
-
-
-def _release_memory() -> None:
-    """Hand the heap freed by freezing back to the OS (about 1 GB of copies for Xception).
-
-    Freezing makes several temporary copies of the weights; glibc keeps freed memory in its arenas,
-    where it would count against the pod's memory limit for the life of the process.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        pass
-
-
 def _env_number(name: str, default, kind):
     value = os.environ.get(name, "").strip()
     if not value:
@@ -412,32 +380,6 @@ def _env_number(name: str, default, kind):
         return kind(value)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
-def _compile(model):
-    """Trace the model's forward pass once for any batch size (much faster than model.predict).
-
-    Returns the callable and its concrete function (what ``_freeze`` freezes).
-    """
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)])
-    def infer(x):
-        return tf.cast(model(x, training=False), tf.float32)
-
-    return (lambda batch: infer(tf.constant(batch)).numpy()), infer.get_concrete_function()
-
-
-def _freeze(concrete):
-    """The concrete function with its variables turned into constants, as a callable on numpy batches."""
-    import tensorflow as tf
-
-    # TensorFlow's own freezing (what tf.saved_model and the TFLite converter use); there is no public alias.
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    frozen = convert_variables_to_constants_v2(concrete)
-    return lambda batch: frozen(tf.constant(batch))[0].numpy()
-
 
 def _buckets(max_batch: int) -> tuple[int, ...]:
     """Every size up to 8, then powers of two, then ``max_batch``: the batch sizes the model runs.
@@ -456,109 +398,6 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-# Layers that stay float32 under bf16: the input scaling (0..255 has few bf16 steps) and the softmax,
-# as Keras' mixed-precision guide advises for the output.
-_FLOAT32_LAYERS = ("preprocess", "prediction")
-
-
-def _load_bf16(model_dir: str | Path):
-    """Load the artifact's model with its layers under Keras' mixed_bfloat16 policy, built once.
-
-    The saved config is rewritten before the model is built (not built in float32 and then cloned, which
-    costs a second build at every start); weights stay float32 variables, cast to bf16 as they are used.
-    """
-    import io
-    import json
-    import zipfile
-
-    import aisight.layers  # noqa: F401  registers FamilyPreprocess for deserialization
-    from aisight.artifact import MODEL_FILE
-
-    path = Path(model_dir) / MODEL_FILE
-    if not path.is_file():
-        raise ArtifactError(f"model file not found: {path}")
-    try:
-        with zipfile.ZipFile(path) as src:
-            config = json.loads(src.read("config.json"))
-            for layer in config["config"]["layers"]:
-                if layer.get("class_name") != "InputLayer" and layer["config"].get("name") not in _FLOAT32_LAYERS:
-                    layer["config"]["dtype"] = "mixed_bfloat16"
-            patched = io.BytesIO()
-            with zipfile.ZipFile(patched, "w", zipfile.ZIP_STORED) as dst:
-                for info in src.infolist():
-                    data = json.dumps(config) if info.filename == "config.json" else src.read(info.filename)
-                    dst.writestr(info.filename, data)
-    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"model file unreadable: {path}: {exc}") from exc
-    patched.seek(0)
-    try:
-        return _load_from_fileobj(patched)
-    except (ImportError, AttributeError, TypeError) as exc:  # a Keras without that loader: build twice
-        log.info("bf16 in one build not available (%s): loading float32, then cloning", exc)
-        return _bf16_clone(load_model(model_dir))
-    except Exception as exc:  # as in artifact.load_model: any failure means the file does not fit
-        raise ArtifactError(f"model file unreadable as bf16: {path}: {exc}") from exc
-
-
-def _load_from_fileobj(fileobj):
-    """Load a .keras archive from an open file (keras.saving.load_model takes only paths).
-
-    The loader under it does (Keras 3.x), with the weights read in memory, which is also much faster
-    than ``model.load_weights`` on a .keras zip.
-    """
-    from keras.src.saving import saving_lib
-
-    return saving_lib.load_model(fileobj, compile=False)
-
-
-def _bf16_clone(model):
-    """Rebuild a loaded float32 ``model`` under mixed_bfloat16 with the same weights (the slow way)."""
-    import keras
-
-    def clone(layer):
-        cfg = layer.get_config()
-        if not isinstance(layer, keras.layers.InputLayer) and layer.name not in _FLOAT32_LAYERS:
-            cfg["dtype"] = "mixed_bfloat16"
-        return layer.__class__.from_config(cfg)
-
-    net = keras.models.clone_model(model, clone_function=clone)
-    net.set_weights(model.get_weights())
-    return net
-
-
-def _bf16_native(device: str) -> bool:
-    """Whether bf16 is computed natively here: any GPU TF uses, or a CPU with AMX or AVX512-BF16."""
-    if device.startswith("gpu"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def bf16_checked(card: dict[str, Any]) -> tuple[bool, str]:
-    """Whether the card records a bf16 check within BF16_MAX_ACCURACY_CHANGE points, and why (for the log)."""
-    check = (card.get("precision_check") or {}).get("bf16")
-    if not isinstance(check, dict):
-        return False, "the model card records no bf16 accuracy check"
-    try:
-        change = float(check["accuracy_change_points"])
-    except (KeyError, TypeError, ValueError):
-        return False, "the model card's bf16 check has no accuracy change"
-    if not abs(change) < BF16_MAX_ACCURACY_CHANGE:
-        return False, f"bf16 moved test accuracy by {change:+.2f} points (limit {BF16_MAX_ACCURACY_CHANGE:g})"
-    return True, (f"bf16 checked on {check.get('n', '?')} test photos: accuracy {change:+.2f} points, "
-                  f"{check.get('answers_changed', '?')} answers changed")
-
-
 def _nvidia_gpu_present() -> bool:
     """Whether this machine exposes an NVIDIA GPU (its device file), without importing TensorFlow."""
     return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
-
-
-def _device_name() -> str:
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    return f"gpu ({len(gpus)})" if gpus else "cpu"

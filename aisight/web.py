@@ -285,6 +285,10 @@ def readyz() -> tuple[Response, int]:
     if p.ready:
         body["device"] = p.device
         body["backend"] = getattr(p, "backend", None)
+        body["precision"] = p.precision
+        choice = getattr(p, "precision_choice", None)
+        if choice is not None:  # which precision serves, and why (measured here, forced, or the only one allowed)
+            body["precision_choice"] = choice.as_dict()
         body["load_seconds"] = p.load_seconds
     elif p.error:
         body["error"] = p.error

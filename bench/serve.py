@@ -408,7 +408,7 @@ def machine_load() -> str:
 
 def default_precisions() -> list[str]:
     """float32, and bf16 too where this machine computes it natively."""
-    from aisight.predictor import _bf16_native
+    from aisight.precision import bf16_native as _bf16_native
 
     return ["float32", "bf16"] if _bf16_native("cpu") else ["float32"]
 

@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-openvino", help="add the OpenVINO IR (the app's CPU fast path) to a model artifact")
     p.add_argument("--model", default="model", help="artifact folder with model.keras (default: model)")
+    p.add_argument("--int8", action="store_true",
+                   help="also quantise to int8 with NNCF (model_int8.xml) and record its per-source check in the card")
+    p.add_argument("--data", action="append", default=[],
+                   help="with --int8: data folders; seen patients calibrate, unseen ones check")
+    p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
+    p.add_argument("--calibration", type=int, default=300, help="with --int8: calibration photos (300)")
 
     p = sub.add_parser("export-reviewed", help="the clinician-reviewed photos of the app's database (DATABASE_URL) "
                        "as a data folder (manifest.csv + photos) that train --data accepts")
@@ -233,12 +239,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from aisight import ov_backend
         from aisight.artifact import ArtifactError
 
+        if args.int8 and not args.data:
+            parser.error("export-openvino --int8 needs --data (photos to calibrate on and to check with)")
         try:
             info = ov_backend.export_dir(args.model)
         except (ArtifactError, ImportError) as exc:
             print(f"python -m training export-openvino: error: {exc}", file=sys.stderr)
             return 2
         print(f"{Path(args.model) / ov_backend.IR_FILE}: {json.dumps(info)}")
+        if args.int8:
+            from training.quantize import quantize_int8
+
+            record = quantize_int8(args.model, args.data, args.cache or default_cache(), args.calibration)
+            print(f"{Path(args.model) / ov_backend.INT8_IR_FILE}: {json.dumps(record)}")
         return 0
     if args.command == "export-reviewed":
         from training.reviewed import export_reviewed

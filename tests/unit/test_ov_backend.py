@@ -55,7 +55,7 @@ def test_openvino_answers_as_tensorflow_does(ov_dir: Path, images: np.ndarray):
 
 
 def test_bf16_moves_answers_only_by_rounding(ov_dir: Path, images: np.ndarray):
-    from aisight.predictor import _bf16_native
+    from aisight.precision import bf16_native as _bf16_native
 
     if not _bf16_native("cpu"):
         pytest.skip("this CPU has no native bf16 (AMX/AVX512-BF16)")
@@ -156,3 +156,125 @@ def test_a_keras_model_that_fails_to_load_is_not_retried(ov_dir: Path, monkeypat
             p.explain_model()
     assert len(calls) == 1  # answered from the remembered failure, not seconds of loading per request
     assert p.ready  # predictions go on without explanations
+
+
+# --------------------------------------------------------------------------- int8, and the precision choice
+
+
+@pytest.fixture(scope="module")
+def int8_dir(ov_dir: Path, tmp_path_factory) -> Path:
+    """The tiny artifact quantised by the real command: NNCF on seen patients, checked on unseen ones."""
+    import json
+    import subprocess
+    import sys
+
+    from training.data import load_sources
+    from training.synthetic import write_dataset
+
+    base = tmp_path_factory.mktemp("int8")
+    data = ",".join(str(write_dataset(base / name, n_per_class=10, seed=seed, size=160, source=name))
+                    for seed, name in ((1, "odir"), (2, "eyepacs")))
+    out = base / "model"
+    shutil.copytree(ov_dir, out)
+    patients = sorted({s.patient_id for s in load_sources(data).samples})
+    (out / "split_patients.json").write_text(json.dumps({"train": patients[::2], "val": [], "test": patients[1::2]}))
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "training", "export-openvino", "--model", str(out), "--int8",
+                           "--data", data, "--cache", str(base / "cache"), "--calibration", "12"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _with_int8_check(src: Path, dst: Path, worst: float) -> Path:
+    from aisight.artifact import read_card, write_card
+
+    shutil.copytree(src, dst)
+    card = read_card(dst)
+    card["precision_check"]["int8"].update(worst_accuracy_change_points=worst)
+    write_card(dst, card)
+    return dst
+
+
+def test_int8_export_records_its_check_per_source(int8_dir: Path, images: np.ndarray):
+    from aisight.artifact import read_card
+
+    assert ov_backend.has_ir(int8_dir, ov_backend.INT8_IR_FILE)
+    record = read_card(int8_dir)["precision_check"]["int8"]
+    assert set(record["per_source"]) == {"odir", "eyepacs"} and record["calibration_photos"] == 12
+    assert record["n"] == sum(r["n"] for r in record["per_source"].values()) == 20  # the unseen half
+    assert record["within_limit"] == (record["worst_accuracy_change_points"] < 1.0)
+    f32 = ov_backend.OpenVINOModel(int8_dir, "float32")(images.astype(np.float32))
+    q = ov_backend.OpenVINOModel(int8_dir, "int8")(images.astype(np.float32))
+    assert q.shape == f32.shape and np.all(np.isfinite(q))
+    assert 0 < np.abs(q - f32).max() < 0.2  # really quantised, and still the same model
+
+
+def test_a_new_model_keras_drops_the_int8_ir_too(int8_dir: Path, tmp_path: Path):
+    d = tmp_path / "m"
+    shutil.copytree(int8_dir, d)
+    ov_backend.remove_ir(d)
+    assert not ov_backend.has_ir(d) and not ov_backend.has_ir(d, ov_backend.INT8_IR_FILE)
+
+
+def test_auto_times_the_allowed_precisions_and_caches_the_choice(int8_dir, tmp_path, monkeypatch, images):
+    from aisight.precision import fastest
+
+    monkeypatch.setenv("AISIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    d = _with_int8_check(int8_dir, tmp_path / "allowed", worst=0.0)
+    first = Predictor(d, max_batch=4).load()
+    c = first.precision_choice
+    assert first.ready and c.by == "timing" and set(c.timings_ms) >= {"float32", "int8"}
+    assert set(c.timings_ms["int8"]) == {"1", "4"} and first.precision == c.precision
+    assert (c.precision, c.why) == fastest(c.timings_ms)  # the measured winner, by the rule
+    second = Predictor(d, max_batch=4).load()  # another worker: the measurement is reused, not repeated
+    assert second.precision_choice.by == "cache" and second.precision == first.precision
+    assert np.abs(second.predict(images) - first.predict(images)).max() == 0
+    first.close(), second.close()
+
+
+def test_int8_outside_its_bound_is_never_chosen_unless_forced(int8_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AISIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    d = _with_int8_check(int8_dir, tmp_path / "refused", worst=-1.5)
+    auto = Predictor(d, max_batch=2).load()
+    assert auto.precision == "float32" and auto.precision_choice.by == "rule"
+    assert "-1.50 points" in auto.precision_choice.refused["int8"]
+    forced = Predictor(d, max_batch=2, precision="int8").load()
+    assert forced.precision == "int8" and forced.precision_choice.by == "setting"
+    plain = Predictor(ov_dir_without_int8(int8_dir, tmp_path), max_batch=2, precision="int8").load()
+    assert plain.precision == "float32" and "no int8 IR" in plain.precision_choice.why
+    for p in (auto, forced, plain):
+        p.close()
+
+
+def ov_dir_without_int8(int8_dir: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "no-int8"
+    shutil.copytree(int8_dir, d)
+    for name in ("model_int8.xml", "model_int8.bin"):
+        (d / name).unlink()
+    return d
+
+
+def test_the_fastest_precision_must_beat_float32_clearly():
+    from aisight.precision import fastest
+
+    assert fastest({"float32": {"1": 10.0, "8": 80.0}, "int8": {"1": 6.0, "8": 40.0}})[0] == "int8"
+    tie = fastest({"float32": {"1": 10.0, "8": 80.0}, "int8": {"1": 9.8, "8": 78.0}})
+    assert tie[0] == "float32" and "not 5% faster" in tie[1]
+    assert fastest({"float32": {"1": 10.0}, "int8": {"1": 12.0}})[0] == "float32"
+
+
+def test_readyz_and_metrics_say_which_precision_serves_and_why(int8_dir, tmp_path, monkeypatch):
+    from app import create_app
+    from tests.unit.test_app import metric
+
+    monkeypatch.setenv("AISIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    d = _with_int8_check(int8_dir, tmp_path / "served", worst=0.0)
+    app = create_app({"TESTING": True, "MODEL_DIR": str(d), "MODEL_LOAD": "sync", "STORE": False})
+    c = app.test_client()
+    body = c.get("/readyz").get_json()
+    assert body["precision"] == body["precision_choice"]["precision"] in ("float32", "int8")
+    assert body["precision_choice"]["by"] == "timing" and "int8" in body["precision_choice"]["timings_ms"]
+    text = c.get("/metrics").get_data(as_text=True)
+    assert metric(text, "aisight_model_precision", chosen_by="timing", precision=body["precision"]) == 1
+    app.extensions["aisight"]["predictor"].close()

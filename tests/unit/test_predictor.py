@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aisight.predictor import ModelNotReady, Predictor, _bf16_native, bf16_checked
+from aisight.precision import bf16_native as _bf16_native
+from aisight.precision import checked as precision_checked
+from aisight.predictor import ModelNotReady, Predictor
 from tests.conftest import run_at_once
 
 
@@ -73,12 +75,12 @@ def test_the_frozen_graph_is_swapped_in_after_ready(model_dir: Path, images: np.
 
 
 def test_a_failed_freeze_keeps_the_traced_function(model_dir: Path, images: np.ndarray, monkeypatch):
-    from aisight import predictor as mod
+    from aisight import tf_backend as mod
 
     def broken(concrete):
         raise RuntimeError("no constants today")
 
-    monkeypatch.setattr(mod, "_freeze", broken)
+    monkeypatch.setattr(mod, "freeze", broken)
     p = Predictor(model_dir, max_batch=2, freeze="background").load()
     p._freezer.join(60)
     assert p.ready and p.graph == "traced"
@@ -205,13 +207,13 @@ def test_bf16_answers_close_to_float32(model_dir: Path, predictor: Predictor, im
 
 
 def test_bf16_falls_back_to_cloning_without_the_one_build_loader(model_dir: Path, monkeypatch):
-    from aisight import predictor as mod
+    from aisight import tf_backend as mod
 
     def missing(fileobj):
         raise TypeError("no file objects here")
 
     monkeypatch.setattr(mod, "_load_from_fileobj", missing)
-    net = mod._load_bf16(model_dir)
+    net = mod.load_bf16(model_dir)
     reference = mod.load_model(model_dir)
     assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in net.layers)
     assert net.layers[-1].dtype_policy.name == "float32"
@@ -220,8 +222,8 @@ def test_bf16_falls_back_to_cloning_without_the_one_build_loader(model_dir: Path
 
 def test_pyplot_is_blocked_only_inside_the_first_keras_import():
     code = (
-        "from aisight.predictor import _without_pyplot\n"
-        "with _without_pyplot():\n"
+        "from aisight.tf_backend import without_pyplot\n"
+        "with without_pyplot():\n"
         "    try:\n"
         "        import matplotlib.pyplot\n"
         "        raise SystemExit('pyplot imported inside the block')\n"
@@ -238,20 +240,25 @@ def test_pyplot_is_blocked_only_inside_the_first_keras_import():
 def test_pyplot_block_is_a_no_op_once_keras_is_loaded():
     import keras  # noqa: F401
 
-    from aisight.predictor import _without_pyplot
+    from aisight.tf_backend import without_pyplot
 
     before = sys.modules.get("matplotlib.pyplot")
-    with _without_pyplot():
+    with without_pyplot():
         assert sys.modules.get("matplotlib.pyplot") is before
 
 
-def test_bf16_checked_reads_the_cards_record():
-    assert bf16_checked({})[0] is False
-    assert bf16_checked({"precision_check": {"bf16": {"auc_change_points": 0.1}}})[0] is False
-    ok, why = bf16_checked({"precision_check": {"bf16": {"accuracy_change_points": -0.4, "n": 465}}})
+def test_checked_reads_the_cards_record():
+    assert precision_checked({}, "bf16")[0] is False
+    assert precision_checked({"precision_check": {"bf16": {"auc_change_points": 0.1}}}, "bf16")[0] is False
+    ok, why = precision_checked({"precision_check": {"bf16": {"accuracy_change_points": -0.4, "n": 465}}}, "bf16")
     assert ok and "-0.40 points" in why and "465" in why
-    ok, why = bf16_checked({"precision_check": {"bf16": {"accuracy_change_points": 1.5}}})
+    ok, why = precision_checked({"precision_check": {"bf16": {"accuracy_change_points": 1.5}}}, "bf16")
     assert not ok and "+1.50 points" in why
+    # int8 is judged by its worst source, not by the pooled change.
+    int8 = {"accuracy_change_points": 0.1, "worst_accuracy_change_points": -1.2, "n": 5512}
+    ok, why = precision_checked({"precision_check": {"int8": int8}}, "int8")
+    assert not ok and "-1.20 points" in why
+    assert precision_checked({"precision_check": {"bf16": int8}}, "int8")[0] is False
 
 
 def test_auto_precision_needs_the_cards_bf16_check(model_dir: Path, tmp_path: Path):

@@ -1,0 +1,116 @@
+"""int8 for the OpenVINO path: post-training quantisation with NNCF, and the check that decides its use.
+
+``quantize_int8`` calibrates on photos of patients the model was trained or tuned on (a few hundred,
+as NNCF advises), writes ``model_int8.xml`` beside the float32 IR, then runs both IRs on every photo of
+``data`` that the model never saw and records in the model card, per source and pooled, the accuracy
+and AUC change and how many answers change side of the threshold (``precision_check.int8``). The app
+serves int8 only where that record is within ``INT8_MAX_ACCURACY_CHANGE`` points for every source with
+enough photos to measure a point, and where timing at start shows it is the fastest precision.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The most int8 may move a source's test accuracy, in points (the bound bf16 has, aisight.predictor).
+INT8_MAX_ACCURACY_CHANGE = 1.0
+# A source needs this many photos for one changed answer to move its accuracy by at most the bound;
+# smaller sources are recorded but cannot fail the check on their own (the pooled figure covers them).
+MIN_PHOTOS_PER_SOURCE = 100
+
+
+def _probs(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    return np.concatenate([model(images[i : i + batch].astype(np.float32))[:, 1]
+                           for i in range(0, len(images), batch)]).astype(np.float64)
+
+
+def _change(labels: np.ndarray, ref: np.ndarray, new: np.ndarray, threshold: float) -> dict[str, Any]:
+    from training.metrics import classification_metrics
+
+    a, b = classification_metrics(labels, ref, threshold), classification_metrics(labels, new, threshold)
+    auc = 100 * (b["auc"] - a["auc"]) if np.isfinite(a["auc"]) and np.isfinite(b["auc"]) else None
+    return {
+        "n": int(len(labels)),
+        "accuracy_float32": round(float(a["accuracy"]), 4),
+        "accuracy_change_points": round(100 * float(b["accuracy"] - a["accuracy"]), 3),
+        "auc_change_points": None if auc is None else round(float(auc), 3),
+        "answers_changed": int(((ref >= threshold) != (new >= threshold)).sum()),
+        "max_abs_prob_change": round(float(np.abs(new - ref).max()), 4) if len(ref) else 0.0,
+    }
+
+
+def int8_record(sources: list[str], labels: np.ndarray, ref: np.ndarray, new: np.ndarray,
+                threshold: float) -> dict[str, Any]:
+    """What int8 changes against float32: pooled and per source, and whether that is within the bound."""
+    src = np.asarray(sources)
+    per_source = {s: _change(labels[src == s], ref[src == s], new[src == s], threshold) for s in sorted(set(sources))}
+    pooled = _change(labels, ref, new, threshold)
+    judged = [pooled] + [r for r in per_source.values() if r["n"] >= MIN_PHOTOS_PER_SOURCE]
+    worst = max(abs(r["accuracy_change_points"]) for r in judged)
+    return {
+        **pooled,
+        "per_source": per_source,
+        "worst_accuracy_change_points": worst,
+        "within_limit": bool(worst < INT8_MAX_ACCURACY_CHANGE),
+        "limit_points": INT8_MAX_ACCURACY_CHANGE,
+        "reference": "openvino float32 (equal to Keras within 1e-4)",
+    }
+
+
+def quantize_int8(
+    model_dir: str | Path,
+    data: str,
+    cache_dir: str | Path | None = None,
+    calibration: int = 300,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write ``model_dir``/model_int8.xml (NNCF, calibrated on seen photos) and record its check in the card."""
+    import nncf
+    import openvino as ov
+
+    from aisight import ov_backend
+    from aisight.artifact import read_card, write_card
+    from training.data import load_arrays, load_sources
+    from training.evaluate import trained_patients
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    if not ov_backend.has_ir(model_dir):
+        log("no float32 IR yet: converting model.keras first")
+        ov_backend.export_dir(model_dir)
+    preprocessing = card.get("preprocessing", "resize")
+    samples = load_sources(data).samples
+    seen = trained_patients(model_dir, card)
+    pool = [s for s in samples if s.patient_id in seen]
+    held = [s for s in samples if s.patient_id not in seen]
+    if not pool or not held:
+        raise ValueError(f"{data}: needs photos of patients the model saw ({len(pool)}) for calibration and "
+                         f"of patients it did not see ({len(held)}) for the check")
+    rng = np.random.default_rng(seed)
+    pick = [pool[i] for i in sorted(rng.choice(len(pool), size=min(calibration, len(pool)), replace=False))]
+    x_cal, _, _, _ = load_arrays(pick, cache_dir, preprocessing=preprocessing)
+    log(f"calibrating on {len(x_cal)} photos of trained patients")
+    ir = ov.Core().read_model(model_dir / ov_backend.IR_FILE)
+    quantized = nncf.quantize(
+        ir, nncf.Dataset(list(x_cal), lambda x: x[None].astype(np.float32)), subset_size=len(x_cal),
+    )
+    ov_backend.stamp(quantized, {"keras_sha256": ov_backend.keras_sha256(model_dir), "openvino_version": ov.get_version(),
+                                 "nncf_version": nncf.__version__, "calibration_photos": len(x_cal)})
+    ov.save_model(quantized, model_dir / ov_backend.INT8_IR_FILE, compress_to_fp16=False)
+
+    x, y, kept, bad = load_arrays(held, cache_dir, preprocessing=preprocessing)
+    log(f"checking on {len(x)} photos of patients the model never saw ({len(bad)} unreadable)")
+    ref = _probs(ov_backend.OpenVINOModel(model_dir, "float32"), x)
+    new = _probs(ov_backend.OpenVINOModel(model_dir, "int8"), x)
+    record = int8_record([s.source or s.folder for s in kept], y, ref, new, float(card["threshold"]))
+    record.update(calibration_photos=len(x_cal), data=data, measured=dt.date.today().isoformat(),
+                  by="python -m training export-openvino --int8")
+    card.setdefault("precision_check", {})["int8"] = record
+    write_card(model_dir, card)
+    return record
