@@ -100,8 +100,9 @@ def quantize_int8(
     quantized = nncf.quantize(
         ir, nncf.Dataset(list(x_cal), lambda x: x[None].astype(np.float32)), subset_size=len(x_cal),
     )
-    ov_backend.stamp(quantized, {"keras_sha256": ov_backend.keras_sha256(model_dir), "openvino_version": ov.get_version(),
-                                 "nncf_version": nncf.__version__, "calibration_photos": len(x_cal)})
+    ov_backend.stamp(quantized, {"keras_sha256": ov_backend.keras_sha256(model_dir),
+                                 "openvino_version": ov.get_version(), "nncf_version": nncf.__version__,
+                                 "calibration_photos": len(x_cal)})
     ov.save_model(quantized, model_dir / ov_backend.INT8_IR_FILE, compress_to_fp16=False)
 
     x, y, kept, bad = load_arrays(held, cache_dir, preprocessing=preprocessing)
