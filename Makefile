@@ -87,7 +87,7 @@ select: $(VENV)/.runtime
 	$(PY) -m training select --data $(DATA) --out runs/select --aug-healthy 3,1 --aug-diseased 2,1
 
 bench: $(VENV)/.dev
-	$(PY) bench/serve.py --model model
+	$(PY) bench/serve.py --model model --sizes mixed --levels 8 --requests 96
 
 bench-train: $(VENV)/.dev
 	$(PY) bench/train_throughput.py

@@ -138,6 +138,8 @@ class Predictor:
                 self.device = tf_backend.device_name()
             t_import = time.perf_counter()
             self.precision = self._resolve_precision(card, self.device)
+            if self.device.startswith("gpu") and self.precision == "float32":
+                tf_backend.exact_float32()
             model = tf_backend.load_bf16(self.model_dir) if self.precision == "bf16" else load_model(self.model_dir)
             shape = tuple(model.input_shape[1:])
             if shape != INPUT_SHAPE:

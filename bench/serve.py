@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.mixed import headline, mixed_set, model_peak  # noqa: E402
 from bench.model_step import model_dir_arg  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("AISIGHT_DATA", ROOT.parent / "shared" / "data" / "fundus-eye4"))
@@ -407,10 +408,8 @@ def machine_load() -> str:
 
 
 def default_precisions() -> list[str]:
-    """float32, and bf16 too where this machine computes it natively."""
-    from aisight.precision import bf16_native as _bf16_native
-
-    return ["float32", "bf16"] if _bf16_native("cpu") else ["float32"]
+    """auto: as ``make run`` starts the app (the fastest precision the card allows, timed at start)."""
+    return ["auto"]
 
 
 def parse_grid(text: str) -> list[tuple[int, int, str | None]]:
@@ -430,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,4,8", help="concurrency levels")
     ap.add_argument("--requests", type=int, default=64, help="measured requests per level")
     ap.add_argument("--time-cap", type=float, default=90.0, help="seconds per level at most")
-    ap.add_argument("--sizes", default="400,12mp", help="photo kinds: 400 (real 400x400) and/or 12mp")
+    ap.add_argument("--sizes", default="mixed,400,12mp",
+                    help="photo kinds: mixed (400 px, one in eight 12 MP: the headline), 400 and/or 12mp")
     ap.add_argument("--workers", type=int, default=2, help="app: gunicorn workers")
     ap.add_argument("--threads", type=int, default=4, help="app: threads per worker")
     ap.add_argument("--precisions", default=",".join(default_precisions()),
-                    help="app servers to run, one per precision (float32, bf16) and backend")
+                    help="app servers to run, one per AISIGHT_PRECISION (auto, float32, bf16, int8) and backend")
     ap.add_argument("--backends", default="openvino",
                     help="app servers to run, one per backend (openvino, tensorflow, auto) and precision")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="app environment (repeat)")
@@ -460,14 +460,17 @@ def main(argv: list[str] | None = None) -> int:
     photo_sets: dict[str, list[bytes]] = {}
     if "400" in sizes:
         photo_sets["400px"] = [multipart(b) for b in real]
-    if "12mp" in sizes:
+    if "12mp" in sizes or "mixed" in sizes:
         t = time.perf_counter()
         phones = [p for p in (phone_photo(real[i], seed=i) for i in range(8)) if gate_accepts(p)][:6]
         if not phones:
             raise SystemExit("the app's gate refuses every generated 12 MP photo")
         print(f"made {len(phones)} 12 MP photos ({np.mean([len(p) for p in phones]) / 1e6:.1f} MB each) in "
               f"{time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
-        photo_sets["12mp"] = [multipart(b) for b in phones]
+        if "12mp" in sizes:
+            photo_sets["12mp"] = [multipart(b) for b in phones]
+        if "mixed" in sizes:  # the issue's load: real 400 px photos, one request in eight a 12 MP one
+            photo_sets["mixed"] = mixed_set([multipart(b) for b in real], [multipart(b) for b in phones])
 
     configs = parse_grid(args.grid) if args.grid else [(args.workers, args.threads, None)]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -482,11 +485,17 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(baseline_server(model_dir, workdir))
     results: dict = {"model_dir": str(model_dir), "photos": source, "load_before": machine_load(), "levels": []}
     levels: list[Level] = []
+    chosen: dict[str, dict] = {}
     try:
         for s in servers:
             s.start()
             settled = f", start-up work done {s.settled_s:.1f}s" if s.settled_s else ""
             print(f"{s.name}: ready {s.cold_start_s:.1f}s after start{settled}", file=sys.stderr, flush=True)
+            if s.name.startswith("app"):
+                ready = s.readyz()
+                chosen[s.name] = {**ready.get("precision_choice", {}), "backend": ready.get("backend")}
+                print(f"{s.name}: serving {ready.get('precision')} on {ready.get('backend')}: "
+                      f"{chosen[s.name].get('why', '')}", file=sys.stderr, flush=True)
         # Both servers stay up; each level runs on one server then the other, close in time, so a
         # change in the machine's other load hits both alike.
         for photos, bodies in photo_sets.items():
@@ -497,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers:
             s.stop()
+    first_app = next((s.name for s in servers if s.name.startswith("app")), "")
+    choice = chosen.get(first_app, {})
+    peak = None
+    if "mixed" in photo_sets and choice.get("backend") == "openvino" and choice.get("precision"):
+        peak = model_peak(model_dir, choice["precision"])  # the servers are stopped: the model alone
+    results["precision_choice"], results["model_peak"] = chosen, peak
     results["cold_start_s"] = {s.name: s.cold_start_s for s in servers}
     results["rss_mb"] = rss
     results["settled_after_s"] = {s.name: s.settled_s for s in servers if s.settled_s}
@@ -512,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         print(grid_table(levels))
     else:
         print(table(levels))
+    if "mixed" in photo_sets:
+        print("\n" + headline(levels, first_app, choice, peak, concurrency=max(levels_c)))
     print("\nMemory after the run (resident, all processes of a server): "
           + ", ".join(f"{k} {v:.0f} MB" for k, v in results["rss_mb"].items()))
     print("\nCold start (process start to /readyz 200): "
