@@ -4,9 +4,8 @@ Single-image predictions from concurrent request threads are micro-batched (aisi
 model call answers every image that arrives within a few milliseconds of the first, which is several
 times the throughput of one call per image on a CPU and far more on a GPU. Settings, from the
 environment unless given: AISIGHT_BATCH_MAX (largest batch, 8; 1 turns batching off),
-AISIGHT_BATCH_WAIT_MS (longest wait for company, 3 ms), AISIGHT_PRECISION (float32; bf16 where the
-hardware computes it natively: AMX/AVX512-BF16 CPUs and GPUs; auto, the default: bf16 where native and
-the model card records a bf16 check on the test split within 1 point, else float32), AISIGHT_FREEZE
+AISIGHT_BATCH_WAIT_MS (longest wait for company, 3 ms), AISIGHT_PRECISION (auto, the default: the fastest
+precision the model card allows, timed at start, see aisight.precision; or float32, bf16, int8), AISIGHT_FREEZE
 (background, sync or off).
 
 The fast path is a frozen graph: the traced forward pass with the weights as constants, which lets
