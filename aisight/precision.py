@@ -95,6 +95,9 @@ def checked(card: dict[str, Any], precision: str) -> tuple[bool, str]:
         return False, f"the model card's {precision} check has no accuracy change"
     if not abs(change) < MAX_ACCURACY_CHANGE:
         return False, f"{precision} moved test accuracy by {change:+.2f} points (limit {MAX_ACCURACY_CHANGE:g})"
+    auc = check.get("worst_auc_change_points")  # int8 records its worst AUC change too
+    if auc is not None and not abs(float(auc)) < MAX_ACCURACY_CHANGE:
+        return False, f"{precision} moved a test AUC by {float(auc):.2f} points (limit {MAX_ACCURACY_CHANGE:g})"
     return True, (f"{precision} checked on {check.get('n', '?')} held-out photos: accuracy {change:+.2f} points, "
                   f"{check.get('answers_changed', '?')} answers changed")
 

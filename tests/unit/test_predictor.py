@@ -259,6 +259,9 @@ def test_checked_reads_the_cards_record():
     ok, why = precision_checked({"precision_check": {"int8": int8}}, "int8")
     assert not ok and "-1.20 points" in why
     assert precision_checked({"precision_check": {"bf16": int8}}, "int8")[0] is False
+    ranked = {"accuracy_change_points": 0.1, "worst_accuracy_change_points": 0.8, "worst_auc_change_points": 3.4}
+    ok, why = precision_checked({"precision_check": {"int8": ranked}}, "int8")
+    assert not ok and "AUC by 3.40 points" in why
 
 
 def test_auto_precision_needs_the_cards_bf16_check(model_dir: Path, tmp_path: Path):
