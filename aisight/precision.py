@@ -57,22 +57,22 @@ class Choice:
         return asdict(self)
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo ("" where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() == field), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    line = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
-    return line.partition(":")[2].strip() or "unknown"
+    return _cpuinfo("model name") or "unknown"
 
 
 def bf16_native(device: str) -> bool:

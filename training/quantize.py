@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-# The most int8 may move a source's test accuracy, in points (the bound bf16 has, aisight.predictor).
-INT8_MAX_ACCURACY_CHANGE = 1.0
+from aisight.precision import MAX_ACCURACY_CHANGE as INT8_MAX_ACCURACY_CHANGE  # the bound the app applies
+
 # A source needs this many photos for one changed answer to move its accuracy by at most the bound;
 # smaller sources are recorded but cannot fail the check on their own (the pooled figure covers them).
 MIN_PHOTOS_PER_SOURCE = 100
