@@ -59,9 +59,11 @@ COPY templates/ templates/
 COPY static/ static/
 # Alembic migrations: `flask --app app db upgrade` (the k8s migrate Job) runs from this image.
 COPY migrations/ migrations/
-COPY model/ model/
-# Byte-compile now: at run time the root filesystem is read-only.
-RUN python -m compileall -q app.py gunicorn.conf.py aisight training
+COPY models/2.0.0/ model/
+# The OpenVINO IR (the CPU fast path) is converted here from the baked-in model.keras; then byte-compile,
+# as at run time the root filesystem is read-only.
+RUN python -m training export-openvino --model model \
+ && python -m compileall -q app.py gunicorn.conf.py aisight training
 
 # HOME/KERAS_HOME/MPLCONFIGDIR/TMPDIR point at /tmp, the only writable place
 # (an emptyDir in Kubernetes, --tmpfs /tmp with docker run --read-only).

@@ -8,6 +8,8 @@ DATA ?= ../shared/data/fundus-eye4
 SHARED ?= ../shared/data
 ALL_DATA ?= $(SHARED)/fundus-eye4,$(SHARED)/eyepacs-256,$(SHARED)/idrid-diaretdb1-dr
 export PYTHONPATH := $(CURDIR)
+# The bundled model; its OpenVINO IR (the CPU fast path) is made from model.keras here, not committed.
+BUNDLED ?= models/2.0.0
 
 .PHONY: run nginx postgres test test-all lint image image-gpu image-train image-test image-test-gpu model model-v2 evaluate report select bench bench-train venv venv-dev browser
 
@@ -27,9 +29,12 @@ venv-dev: $(VENV)/.dev
 # nginx (buffering, timeouts, body cap, admission, rate limit) in front of gunicorn: aisight/serve.py.
 # The clinicians' side is on (AISIGHT_STORE=on): a SQLite database and a session key under var/, both made
 # on first start. AISIGHT_STORE=off make run serves the anonymous screening page and API alone.
-run: $(VENV)/.runtime nginx var/secret_key
+run: $(VENV)/.runtime nginx var/secret_key $(BUNDLED)/model.xml
 	HOST=$(HOST) PORT=$(PORT) AISIGHT_STORE=$${AISIGHT_STORE:-on} AISIGHT_SECRET_KEY_FILE=$(CURDIR)/var/secret_key \
 	  $(PY) -m aisight.serve
+
+$(BUNDLED)/model.xml: $(BUNDLED)/model.keras | $(VENV)/.runtime
+	$(PY) -m training export-openvino --model $(BUNDLED)
 
 var/secret_key:
 	mkdir -p var && (umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_hex(32))" > $@)
@@ -55,7 +60,7 @@ browser:
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 
-test: $(VENV)/.dev browser nginx postgres lint
+test: $(VENV)/.dev browser nginx postgres lint $(BUNDLED)/model.xml
 	$(PY) -m pytest -q
 
 # Slow tests too (longer training runs).
@@ -74,7 +79,7 @@ model-v2: $(VENV)/.runtime
 	  --run-dir runs/xception-v2/run --resume
 
 # Per-task, per-source metrics of a model on held-out patients of all three folders.
-MODEL ?= model
+MODEL ?= $(BUNDLED)
 evaluate: $(VENV)/.runtime
 	$(PY) -m training evaluate --model $(MODEL) --data $(ALL_DATA) --out runs/evaluate/$(subst /,-,$(MODEL))
 
@@ -87,7 +92,7 @@ select: $(VENV)/.runtime
 	$(PY) -m training select --data $(DATA) --out runs/select --aug-healthy 3,1 --aug-diseased 2,1
 
 bench: $(VENV)/.dev
-	$(PY) bench/serve.py --model model --sizes mixed --levels 8 --requests 96
+	$(PY) bench/serve.py --model $(BUNDLED) --sizes mixed --levels 8 --requests 96
 
 bench-train: $(VENV)/.dev
 	$(PY) bench/train_throughput.py

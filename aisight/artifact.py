@@ -8,7 +8,8 @@ from typing import Any
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
+# The bundled model (models/<version>/); model/ holds 1.0.0, kept to compare against (model/README.md).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "2.0.0"
 
 # Keys the app relies on; everything else in the card is shown as-is.
 REQUIRED_CARD_KEYS = ("name", "version", "architecture", "threshold", "labels", "input_shape")

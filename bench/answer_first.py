@@ -5,7 +5,7 @@ records when the answer's part of the page had arrived (the ``aisight:answer-end
 whole page had. The difference is what the person no longer waits for before seeing the verdict: the
 display photo and the Grad-CAM heatmap (aisight.streaming).
 
-    PYTHONPATH=. .venv/bin/python bench/answer_first.py --model model [--photos 24]
+    PYTHONPATH=. .venv/bin/python bench/answer_first.py --model models/2.0.0 [--photos 24]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from aisight.artifact import DEFAULT_MODEL_DIR  # noqa: E402  (the bundled model)
 from bench.serve import BOUNDARY, DEFAULT_DATA, HOST, app_server, multipart, real_photos  # noqa: E402
 
 MARK = b"<!--aisight:answer-end-->"
@@ -47,7 +48,7 @@ def one(port: int, body: bytes) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "model"))
+    ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--photos", type=int, default=24)
     args = ap.parse_args(argv)
     photos, source = real_photos(DEFAULT_DATA, args.photos)

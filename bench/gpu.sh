@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench-gpu-out}
-MODEL=${MODEL:-model}
+MODEL=${MODEL:-models/2.0.0}
 mkdir -p "$OUT"
 log() { echo "[gpu.sh $(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.md" >&2; }
 : > "$OUT/summary.md"

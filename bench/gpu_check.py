@@ -6,7 +6,7 @@ Each GPU path runs the bundled model on the same photos: TensorFlow's traced fun
 within 1e-4 (TF32 is off, as the app sets it for float32 on a GPU: aisight.tf_backend.exact_float32);
 bf16 is recorded, not held to that bound.
 
-    PYTHONPATH=. python bench/gpu_check.py --model model --out OUT
+    PYTHONPATH=. python bench/gpu_check.py --model models/2.0.0 --out OUT
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from aisight.artifact import DEFAULT_MODEL_DIR  # noqa: E402  (the bundled model)
 
 FLOAT32_BOUND = 1e-4
 
@@ -44,7 +46,7 @@ def timed(fn, x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "model"))
+    ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--out", required=True)
     ap.add_argument("--photos", type=int, default=64)
     args = ap.parse_args(argv)

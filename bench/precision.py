@@ -6,7 +6,7 @@ model card's threshold: OpenVINO float32 (the default), OpenVINO bf16 (``AISIGHT
 TensorFlow's frozen graph in float32 and bf16 (``AISIGHT_BACKEND=tensorflow``). A reduced-precision path
 is acceptable for serving only if accuracy moves by less than 1 point; the script says whether it does.
 
-    PYTHONPATH=. .venv/bin/python bench/precision.py [--model model] [--split SPLIT.csv] [--write-card]
+    PYTHONPATH=. .venv/bin/python bench/precision.py [--model models/2.0.0] [--split SPLIT.csv] [--write-card]
 
 ``--write-card`` records the bf16 result (the worst bf16 path) in the model card as ``precision_check``;
 the app's default ``AISIGHT_PRECISION=auto`` serves bf16 only for a model whose card records a change
@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_MODEL = ROOT / "model"
+from aisight.artifact import DEFAULT_MODEL_DIR  # noqa: E402  (the bundled model)
+
+DEFAULT_MODEL = DEFAULT_MODEL_DIR
 DEFAULT_SPLIT = ROOT / "runs" / "bundled" / "split" / "test.csv"
 LIMIT_POINTS = 1.0  # the bound on the accuracy change
 

@@ -12,7 +12,7 @@ p50 and p99 latency and errors per server and level, and the app's speed-up at e
     PYTHONPATH=. .venv/bin/python bench/serve.py --cold-start 3  # cold starts only
 
 Without ``--model`` both servers serve a cached random-weight Xception with the paper's head (the
-speed of the real model); ``--model model`` serves the bundled one. The model step alone is measured
+speed of the real model); ``--model models/2.0.0`` serves the bundled one. The model step alone is measured
 by bench/model_step.py.
 """
 

@@ -1,7 +1,7 @@
 """Soak and overload of the app as ``make run`` starts it (nginx + gunicorn), on loopback only.
 
-    PYTHONPATH=. .venv/bin/python bench/soak.py --model model                 # 10 min at saturation
-    PYTHONPATH=. .venv/bin/python bench/soak.py --model model --overload      # p99 at 2x saturation
+    PYTHONPATH=. .venv/bin/python bench/soak.py --model models/2.0.0                 # 10 min at saturation
+    PYTHONPATH=. .venv/bin/python bench/soak.py --model models/2.0.0 --overload      # p99 at 2x saturation
 
 Soak: every ``--every`` seconds (30) it prints the window's requests/s, errors, p50/p99, the resident
 memory of every server process (supervisor, nginx, gunicorn, workers) and their open file descriptors.
@@ -108,7 +108,7 @@ def overload(server, bodies: list[bytes], admit: int, seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="model", help="model artifact folder (default: the bundled one)")
+    ap.add_argument("--model", default="models/2.0.0", help="model artifact folder (default: the bundled one)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="fundus-eye4 folder (manifest.csv)")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--every", type=float, default=30.0, help="seconds per printed window")

@@ -131,11 +131,15 @@ def static_checks(ref: str, mnt: Path, config: dict) -> list[str]:
         failures.append(f"image user is {config.get('User')!r}, not {APP_UID}:{APP_UID}")
     env = dict(e.split("=", 1) for e in config.get("Env", []))
     model_in_image = mnt / env.get("AISIGHT_MODEL_DIR", "/app/model").lstrip("/")
-    for f in sorted(p for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file()):
+    tracked = ("model.keras", "model_card.json", "split_patients.json")  # the IR is converted in the image
+    files = sorted(p for p in DEFAULT_MODEL_DIR.iterdir() if p.name in tracked)
+    for f in files:
         baked = model_in_image / f.name
         if not baked.is_file() or sha(baked) != sha(f):
             failures.append(f"{baked} is not byte-equal to the repository's {f}")
-    say(f"model files baked in and byte-equal: {sorted(p.name for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file())}")
+    say(f"model files baked in and byte-equal: {[f.name for f in files]}")
+    if not (model_in_image / "model.xml").is_file():
+        failures.append("the image has no OpenVINO IR beside its model")
     writable = writable_by_app(mnt)
     if writable:
         failures.append(f"writable by the app user outside {TEMP_DIRS}: {writable[:10]}")

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-task, per-source and per-class metrics of a model artifact on photos "
                                         "of patients it did not train on (Markdown + JSON)")
-    p.add_argument("--model", default="model", help="artifact folder (default: model)")
+    p.add_argument("--model", default="models/2.0.0", help="artifact folder (default: the bundled models/2.0.0)")
     p.add_argument("--data", required=True, action="append", help="data folders (repeat or join with commas)")
     p.add_argument("--out", required=True, help="folder for evaluation.md, evaluation.json, predictions.npz")
     p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
@@ -157,13 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=("1", "2"), required=True)
 
     p = sub.add_parser("export-openvino", help="add the OpenVINO IR (the app's CPU fast path) to a model artifact")
-    p.add_argument("--model", default="model", help="artifact folder with model.keras (default: model)")
+    p.add_argument("--model", default="models/2.0.0", help="artifact folder with model.keras (default: bundled)")
     p.add_argument("--int8", action="store_true",
                    help="also quantise to int8 with NNCF (model_int8.xml) and record its per-source check in the card")
     p.add_argument("--data", action="append", default=[],
                    help="with --int8: data folders; seen patients calibrate, unseen ones check")
     p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
     p.add_argument("--calibration", type=int, default=300, help="with --int8: calibration photos (300)")
+    p.add_argument("--accuracy-control", action="store_true",
+                   help="with --int8: keep in float32 the layers int8 hurts most, judged on validation patients")
 
     p = sub.add_parser("export-reviewed", help="the clinician-reviewed photos of the app's database (DATABASE_URL) "
                        "as a data folder (manifest.csv + photos) that train --data accepts")
@@ -250,7 +252,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.int8:
             from training.quantize import quantize_int8
 
-            record = quantize_int8(args.model, args.data, args.cache or default_cache(), args.calibration)
+            record = quantize_int8(args.model, args.data, args.cache or default_cache(), args.calibration,
+                                   accuracy_control=args.accuracy_control)
             print(f"{Path(args.model) / ov_backend.INT8_IR_FILE}: {json.dumps(record)}")
         return 0
     if args.command == "export-reviewed":

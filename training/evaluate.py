@@ -140,10 +140,20 @@ def shortcut_probe(features: np.ndarray, samples: Sequence[Sample], folds: int =
 
 def trained_patients(model_dir: str | Path, card: dict) -> set[str]:
     """Patients the model was trained or tuned on: from the artifact's list, else recomputed from the card."""
+    train, val = _seen_parts(model_dir, card)
+    return train | val
+
+
+def validation_patients(model_dir: str | Path, card: dict) -> set[str]:
+    """Patients the model was tuned on (its epoch and threshold were chosen on them), not trained on."""
+    return _seen_parts(model_dir, card)[1]
+
+
+def _seen_parts(model_dir: str | Path, card: dict) -> tuple[set[str], set[str]]:
     listed = Path(model_dir) / SPLIT_FILE
     if listed.is_file():
         parts = json.loads(listed.read_text())
-        return set(parts.get("train", [])) | set(parts.get("val", []))
+        return set(parts.get("train", [])), set(parts.get("val", []))
     from training.data import load_sources, split_by_patient
 
     training = card.get("training", {})
@@ -154,7 +164,7 @@ def trained_patients(model_dir: str | Path, card: dict) -> set[str]:
     root = Path(__file__).resolve().parent.parent
     spec = ",".join(str(p if Path(p).is_absolute() else root / p) for p in str(data).split(","))
     train, val, _ = split_by_patient(load_sources(spec).samples, seed=training.get("config", {}).get("seed", 0))
-    return {s.patient_id for s in train} | {s.patient_id for s in val}
+    return {s.patient_id for s in train}, {s.patient_id for s in val}
 
 
 def model_outputs(model, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -69,6 +69,43 @@ def judge(pooled: dict[str, Any], per_source: dict[str, dict[str, Any]]) -> dict
     }
 
 
+# Accuracy control stops reverting layers to float32 once the worst change on validation patients is
+# under this many points: half the bound, so that the unseen patients' check has room for its noise.
+ACCURACY_CONTROL_DROP = INT8_MAX_ACCURACY_CHANGE / 2
+
+
+def _worst_change_fn(labels: np.ndarray, sources: list[str], ref: np.ndarray, threshold: float):
+    """NNCF's validation function: 100 minus the worst per-source change (points) against float32.
+
+    Items are (image, index); it also returns each item's output, so that NNCF ranks layers by how far
+    they move the outputs (a per-photo AUC does not exist)."""
+    src = np.asarray(sources)
+
+    def validate(compiled, items) -> tuple[float, list[list[np.ndarray]]]:
+        outs, idx = [], []
+        for image, i in items:
+            outs.append(np.asarray(compiled(image[None].astype(np.float32))[0]))
+            idx.append(i)
+        idx_a = np.asarray(idx)
+        probs = np.array([o[0, 1] for o in outs], dtype=np.float64)
+        rec = int8_record(list(src[idx_a]), labels[idx_a], ref[idx_a], probs, threshold)
+        return 100.0 - max(rec["worst_accuracy_change_points"], rec["worst_auc_change_points"]), [[o] for o in outs]
+
+    return validate
+
+
+def _float_layers(model) -> list[str]:
+    """Convolutions and matrix products left without an int8 input (kept in float32)."""
+    quantized_inputs = set()
+    for op in model.get_ops():
+        if op.get_type_name() == "FakeQuantize":
+            for target in op.output(0).get_target_inputs():
+                quantized_inputs.add(target.get_node().get_friendly_name())
+    return sorted(op.get_friendly_name() for op in model.get_ops()
+                  if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
+                  and op.get_friendly_name() not in quantized_inputs)
+
+
 def quantize_int8(
     model_dir: str | Path,
     data: str,
@@ -76,15 +113,21 @@ def quantize_int8(
     calibration: int = 300,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    accuracy_control: bool = False,
 ) -> dict[str, Any]:
-    """Write ``model_dir``/model_int8.xml (NNCF, calibrated on seen photos) and record its check in the card."""
+    """Write ``model_dir``/model_int8.xml (NNCF, calibrated on seen photos) and record its check in the card.
+
+    With ``accuracy_control`` NNCF keeps in float32 the layers whose int8 moves the answers most, until
+    the worst per-source change on the model's *validation* patients is under half the bound (the
+    check on unseen patients then judges it as any other int8 IR).
+    """
     import nncf
     import openvino as ov
 
     from aisight import ov_backend
     from aisight.artifact import read_card, write_card
     from training.data import load_arrays, load_sources
-    from training.evaluate import trained_patients
+    from training.evaluate import trained_patients, validation_patients
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -94,6 +137,7 @@ def quantize_int8(
     preprocessing = card.get("preprocessing", "resize")
     samples = load_sources(data).samples
     seen = trained_patients(model_dir, card)
+    val_patients = validation_patients(model_dir, card) if accuracy_control else set()
     pool = [s for s in samples if s.patient_id in seen]
     held = [s for s in samples if s.patient_id not in seen]
     if not pool or not held:
@@ -104,12 +148,26 @@ def quantize_int8(
     x_cal, _, _, _ = load_arrays(pick, cache_dir, preprocessing=preprocessing)
     log(f"calibrating on {len(x_cal)} photos of trained patients")
     ir = ov.Core().read_model(model_dir / ov_backend.IR_FILE)
-    quantized = nncf.quantize(
-        ir, nncf.Dataset(list(x_cal), lambda x: x[None].astype(np.float32)), subset_size=len(x_cal),
-    )
-    ov_backend.stamp(quantized, {"keras_sha256": ov_backend.keras_sha256(model_dir),
-                                 "openvino_version": ov.get_version(), "nncf_version": nncf.__version__,
-                                 "calibration_photos": len(x_cal)})
+    calibration_set = nncf.Dataset(list(x_cal), lambda x: x[None].astype(np.float32))
+    info: dict[str, Any] = {"keras_sha256": ov_backend.keras_sha256(model_dir), "openvino_version": ov.get_version(),
+                            "nncf_version": nncf.__version__, "calibration_photos": len(x_cal)}
+    if accuracy_control:
+        val = [s for s in pool if s.patient_id in val_patients]
+        x_val, y_val, val_kept, _ = load_arrays(val, cache_dir, preprocessing=preprocessing)
+        log(f"accuracy control on {len(x_val)} photos of validation patients")
+        ref_val = _probs(ov_backend.OpenVINOModel(model_dir, "float32"), x_val)
+        validation_set = nncf.Dataset([(x, i) for i, x in enumerate(x_val)], lambda it: it[0][None].astype(np.float32))
+        quantized = nncf.quantize_with_accuracy_control(
+            ir, calibration_set, validation_set,
+            _worst_change_fn(y_val, [s.source or s.folder for s in val_kept], ref_val, float(card["threshold"])),
+            max_drop=ACCURACY_CONTROL_DROP, subset_size=len(x_cal),
+        )
+        info.update(accuracy_control_photos=len(x_val), accuracy_control_max_drop_points=ACCURACY_CONTROL_DROP,
+                    float32_layers=_float_layers(quantized))
+        log(f"accuracy control kept {len(info['float32_layers'])} layer(s) in float32")
+    else:
+        quantized = nncf.quantize(ir, calibration_set, subset_size=len(x_cal))
+    ov_backend.stamp(quantized, info)
     ov.save_model(quantized, model_dir / ov_backend.INT8_IR_FILE, compress_to_fp16=False)
 
     x, y, kept, bad = load_arrays(held, cache_dir, preprocessing=preprocessing)
@@ -118,7 +176,10 @@ def quantize_int8(
     new = _probs(ov_backend.OpenVINOModel(model_dir, "int8"), x)
     record = int8_record([s.source or s.folder for s in kept], y, ref, new, float(card["threshold"]))
     record.update(calibration_photos=len(x_cal), data=data, measured=dt.date.today().isoformat(),
-                  by="python -m training export-openvino --int8")
+                  by="python -m training export-openvino --int8" + (" --accuracy-control" if accuracy_control else ""))
+    if accuracy_control:
+        record.update({k: info[k] for k in ("accuracy_control_photos", "accuracy_control_max_drop_points",
+                                             "float32_layers")})
     card.setdefault("precision_check", {})["int8"] = record
     write_card(model_dir, card)
     return record

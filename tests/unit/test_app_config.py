@@ -42,7 +42,7 @@ class FakeServer:
 
 def test_defaults(clean_env):
     cfg = load_config()
-    assert Path(cfg["MODEL_DIR"]) == ROOT / "model"
+    assert Path(cfg["MODEL_DIR"]) == ROOT / "models" / "2.0.0"
     assert cfg["MAX_UPLOAD_MB"] == 20 and cfg["MAX_CONTENT_LENGTH"] > 20 * 1024 * 1024
     assert cfg["GATE"] is True and cfg["MODEL_LOAD"] == "background"
 

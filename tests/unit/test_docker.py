@@ -241,7 +241,7 @@ def test_serving_target_contract(dockerfile):
     assert effective(stages, target, "EXPOSE") == [env["PORT"]]
     assert env["AISIGHT_MODEL_DIR"] == f"{workdir}/model"
     assert env["PYTHONPATH"] == workdir, "app and training importable from any working directory"
-    assert "COPY model/ model/" in [f"COPY {a}" for a in effective(stages, target, "COPY")]
+    assert "COPY models/2.0.0/ model/" in [f"COPY {a}" for a in effective(stages, target, "COPY")]
     # The root filesystem is read-only in Kubernetes: every cache goes to /tmp.
     for key in ("HOME", "KERAS_HOME", "MPLCONFIGDIR", "TMPDIR"):
         assert env[key].startswith("/tmp"), key
@@ -331,17 +331,24 @@ def test_copy_sources_exist_and_are_in_the_build_context(dockerfile):
         assert (ROOT / source).exists(), f"{dockerfile}: COPY {source} but {source} is not in the repo"
         assert not dockerignored(source, patterns), f"{dockerfile}: {source} is excluded by .dockerignore"
         if (ROOT / source).is_dir():
-            for child in (ROOT / source).rglob("*"):
-                rel = child.relative_to(ROOT).as_posix()
-                if child.is_file() and "__pycache__" not in rel and not rel.endswith(".pyc"):
-                    assert not dockerignored(rel, patterns), f"{rel} is excluded by .dockerignore"
+            # What a clean clone holds: the tracked files (a checkout's converted IRs are ignored by both).
+            tracked = subprocess.run(["git", "ls-files", "--", source], cwd=ROOT, capture_output=True, text=True,
+                                     check=True).stdout.split()
+            assert tracked, f"{dockerfile}: COPY {source} but nothing under it is tracked"
+            for rel in tracked:
+                assert not dockerignored(rel, patterns), f"{rel} is excluded by .dockerignore"
 
 
 def test_bundled_model_is_baked_in():
-    """The serving images COPY model/: the model file and its card must be there to copy."""
-    assert (ROOT / "model" / "model.keras").is_file()
-    assert (ROOT / "model" / "model_card.json").is_file()
-    assert (ROOT / "model" / "model.xml").is_file() and (ROOT / "model" / "model.bin").is_file()  # OpenVINO IR
+    """The serving images COPY the bundled model (models/2.0.0) to /app/model; the CPU image converts its
+    OpenVINO IR itself (the IR is not committed)."""
+    from aisight.artifact import DEFAULT_MODEL_DIR
+
+    bundled = DEFAULT_MODEL_DIR.relative_to(ROOT).as_posix()
+    assert (DEFAULT_MODEL_DIR / "model.keras").is_file() and (DEFAULT_MODEL_DIR / "model_card.json").is_file()
+    for dockerfile in DOCKERFILES:
+        assert f"COPY {bundled}/ model/" in (ROOT / dockerfile).read_text(), dockerfile
+    assert "RUN python -m training export-openvino --model model " in (ROOT / "Dockerfile").read_text()
 
 
 def test_dockerignore_keeps_secrets_and_bulk_out():
@@ -360,8 +367,12 @@ def test_dockerignore_keeps_secrets_and_bulk_out():
         "training/x.pyc",
     ):
         assert dockerignored(path, patterns), path
-    kept = ("app.py", "aisight/predictor.py", "model/model.keras", "model/model.xml", "model/model.bin",
-            "requirements.txt", "gunicorn.conf.py")
+    kept = ("app.py", "aisight/predictor.py", "models/2.0.0/model.keras", "models/2.0.0/model_card.json",
+            "requirements.txt", "gunicorn.conf.py", "migrations/env.py")
+    ir_and_old = ("models/2.0.0/model.xml", "models/2.0.0/model.bin", "models/2.0.0/model_int8.xml",
+                  "model/model.keras")
+    for path in ir_and_old:
+        assert dockerignored(path, patterns), path  # a checkout's IR and the old model stay out
     for path in kept:
         assert not dockerignored(path, patterns), path
 

@@ -211,6 +211,39 @@ def test_int8_export_records_its_check_per_source(int8_dir: Path, images: np.nda
     assert 0 < np.abs(q - f32).max() < 0.2  # really quantised, and still the same model
 
 
+def test_accuracy_control_keeps_validation_answers_within_half_the_bound(ov_dir: Path, tmp_path: Path):
+    """--accuracy-control: NNCF reverts layers to float32 until the worst per-source change on the model's
+    validation patients is under half the bound; the record says which layers and on how many photos."""
+    from aisight.artifact import read_card
+    from training.data import load_arrays, load_sources
+    from training.quantize import ACCURACY_CONTROL_DROP, _probs, int8_record
+    from training.synthetic import write_dataset
+
+    data = ",".join(str(write_dataset(tmp_path / name, n_per_class=9, seed=seed, size=160, source=name))
+                    for seed, name in ((3, "odir"), (4, "eyepacs")))
+    out = tmp_path / "model"
+    shutil.copytree(ov_dir, out)
+    samples = load_sources(data).samples
+    patients = sorted({s.patient_id for s in samples})
+    parts = {"train": patients[0::3], "val": patients[1::3], "test": patients[2::3]}
+    (out / "split_patients.json").write_text(json.dumps(parts))
+    proc = subprocess.run([sys.executable, "-m", "training", "export-openvino", "--model", str(out), "--int8",
+                           "--accuracy-control", "--data", data, "--cache", str(tmp_path / "cache"),
+                           "--calibration", "8"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = read_card(out)
+    record = card["precision_check"]["int8"]
+    val = [s for s in samples if s.patient_id in set(parts["val"])]
+    assert record["accuracy_control_photos"] == len(val) and "--accuracy-control" in record["by"]
+    assert isinstance(record["float32_layers"], list)
+    x, y, kept, _ = load_arrays(val, tmp_path / "cache", preprocessing=card.get("preprocessing", "resize"))
+    ref = _probs(ov_backend.OpenVINOModel(out, "float32"), x)
+    new = _probs(ov_backend.OpenVINOModel(out, "int8"), x)
+    on_val = int8_record([s.source or s.folder for s in kept], y, ref, new, float(card["threshold"]))
+    worst = max(on_val["worst_accuracy_change_points"], on_val["worst_auc_change_points"])
+    assert worst <= ACCURACY_CONTROL_DROP, (worst, record["float32_layers"])
+
+
 def test_a_new_model_keras_drops_the_int8_ir_too(int8_dir: Path, tmp_path: Path):
     d = tmp_path / "m"
     shutil.copytree(int8_dir, d)
