@@ -11,6 +11,13 @@ import os
 import shutil
 import tempfile
 
+# One BLAS thread per request thread. NumPy's OpenBLAS would otherwise start a pool per process whose
+# threads spin while waiting and take the cores OpenVINO's inference needs: the fundus-v2 blur is two small
+# matrix products per photo, and with the default pool the mixed load served 9.6 req/s instead of 14.7
+# (docs/performance.md, 7 Dec evening). Set here, in the master, so that every worker imports NumPy with it.
+for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas, "1")
+
 
 def _int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()

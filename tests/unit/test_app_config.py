@@ -71,6 +71,21 @@ def test_gunicorn_defaults(clean_env):
     assert s.get("forwarded_allow_ips") is None  # on a TCP port nobody's X-Forwarded-For is trusted
 
 
+def test_gunicorn_workers_import_numpy_with_one_blas_thread(clean_env):
+    """A worker (which imports NumPy after gunicorn.conf.py ran in the master) gets a one-thread BLAS pool;
+    an operator's own setting wins."""
+    pytest.importorskip("threadpoolctl")
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); import numpy, threadpoolctl; "
+            "print(max(p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas'))")
+    for preset, expected in ((None, "1"), ("2", "2")):
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        if preset:
+            env["OPENBLAS_NUM_THREADS"] = preset
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "gunicorn.conf.py")], env=env,
+                             capture_output=True, text=True, check=True, timeout=120).stdout.split()
+        assert out[-1] == expected, (preset, out)
+
+
 def test_gunicorn_behind_the_proxy(clean_env):
     clean_env.setenv("AISIGHT_BIND", "unix:/tmp/x/gunicorn.sock")
     clean_env.setenv("AISIGHT_QUEUE_MAX", "0")
