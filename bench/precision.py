@@ -7,6 +7,12 @@ TensorFlow's frozen graph in float32 and bf16 (``AISIGHT_BACKEND=tensorflow``). 
 is acceptable for serving only if accuracy moves by less than 1 point; the script says whether it does.
 
     PYTHONPATH=. .venv/bin/python bench/precision.py [--model models/2.0.0] [--split SPLIT.csv] [--write-card]
+    PYTHONPATH=. .venv/bin/python bench/precision.py --model models/2.0.0 --data ../shared/data/A,B,C --write-card
+
+With ``--data`` the photos are those of the folders whose patients the model never saw (its
+``split_patients.json`` or its card), read with the card's preprocessing, instead of a split CSV.
+bf16 runs only on a CPU that computes it natively (AMX or AVX512-BF16); elsewhere its paths are skipped
+and nothing is recorded.
 
 ``--write-card`` records the bf16 result (the worst bf16 path) in the model card as ``precision_check``;
 the app's default ``AISIGHT_PRECISION=auto`` serves bf16 only for a model whose card records a change
@@ -35,12 +41,28 @@ DEFAULT_SPLIT = ROOT / "runs" / "bundled" / "split" / "test.csv"
 LIMIT_POINTS = 1.0  # the issue's bound on the accuracy change
 
 
-def load_split(split: Path):
-    """Decode the split's photos with the app's preprocessing; paths are relative to the repo root."""
-    from training.data import load_arrays, read_split
+def load_split(split: Path, preprocessing: str = "resize"):
+    """Decode the split's photos with the model's preprocessing; paths are relative to the repo root."""
+    from training.data import read_split
 
     samples = [s if Path(s.path).is_absolute() else replace(s, path=str(ROOT / s.path)) for s in read_split(split)]
-    images, labels, kept, bad = load_arrays(samples)
+    return _arrays(samples, preprocessing)
+
+
+def load_unseen(model_dir: Path, data: str, card: dict):
+    """The photos of ``data`` whose patients the model neither trained nor was tuned on."""
+    from training.data import load_sources
+    from training.evaluate import trained_patients
+
+    seen = trained_patients(model_dir, card)
+    return _arrays([s for s in load_sources(data).samples if s.patient_id not in seen],
+                   card.get("preprocessing", "resize"))
+
+
+def _arrays(samples, preprocessing: str):
+    from training.data import load_arrays
+
+    images, labels, kept, bad = load_arrays(samples, preprocessing=preprocessing)
     if bad:
         print(f"{len(bad)} unreadable photos skipped, e.g. {bad[0]}", file=sys.stderr)
     return images, labels, kept
@@ -144,14 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model artifact folder")
     ap.add_argument("--split", default=str(DEFAULT_SPLIT), help="the test part of the model's split (CSV)")
+    ap.add_argument("--data", help="instead of --split: data folders; their photos of unseen patients")
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--write-card", action="store_true", help="record the bf16 check in the model card")
     args = ap.parse_args(argv)
-    split = Path(args.split)
-    if not split.is_file():
-        print(f"test split not found: {split} (train a model first, or pass --split)", file=sys.stderr)
-        return 2
-    images, labels, _ = load_split(split)
+    from aisight.artifact import read_card
+
+    model_card = read_card(args.model)
+    if args.data:
+        split = Path(args.data)
+        images, labels, _ = load_unseen(Path(args.model), args.data, model_card)
+    else:
+        split = Path(args.split)
+        if not split.is_file():
+            print(f"test split not found: {split} (train a model first, or pass --split or --data)", file=sys.stderr)
+            return 2
+        images, labels, _ = load_split(split, model_card.get("preprocessing", "resize"))
     probs, card = {}, {}
     for name, backend, precision, freeze in PATHS:
         try:

@@ -45,3 +45,28 @@ def test_the_gpu_script_says_when_there_is_no_gpu(tmp_path):
         pytest.skip("a GPU is present: the script measured it")
     assert proc.returncode == 3 and "sees no GPU here: nothing measured" in proc.stderr
     assert (tmp_path / "summary.md").read_text().count("nothing measured") == 1
+
+
+def test_the_precision_check_reads_a_models_unseen_patients(model_dir, tmp_path):
+    """bench/precision.py --data: the photos of patients the model never saw, with the card's preprocessing;
+    every path the CPU can run is compared with the float32 reference (bf16 only where native)."""
+    import json
+    import shutil
+
+    from training.data import load_sources
+    from training.synthetic import write_dataset
+
+    data = str(write_dataset(tmp_path / "odir", n_per_class=6, seed=5, size=160, source="odir"))
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    samples = load_sources(data).samples
+    patients = sorted({s.patient_id for s in samples})
+    (model / "split_patients.json").write_text(json.dumps({"train": patients[::2], "val": [], "test": patients[1::2]}))
+    out = tmp_path / "precision.json"
+    proc = subprocess.run([sys.executable, "bench/precision.py", "--model", str(model), "--data", data,
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["n"] == sum(s.patient_id in set(patients[1::2]) for s in samples)  # the unseen half only
+    assert res["paths"]["tf float32 traced (reference)"]["label_flips"] == 0
+    assert "tf float32 frozen" in res["paths"]
