@@ -67,13 +67,13 @@ test: $(VENV)/.dev browser nginx postgres lint $(BUNDLED)/model.xml
 test-all: $(VENV)/.dev browser nginx postgres
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# Retrain the bundled model from the shared photos with the committed config (about 1.5 h on 2 CPU cores).
+# Retrain 1.0.0, the previous model (model/), with its committed config (about 1.5 h on 2 CPU cores).
 model: $(VENV)/.runtime
 	$(PY) -m training train --config configs/bundled.json --data $(DATA) --out model --run-dir runs/bundled
 
 # The camera-invariant Xception on all three shared folders (about 10 min an epoch on 2 CPU cores, 30 epochs).
-# Checkpointed every epoch: run it again after a stop and it continues. Lands in runs/, not in model/:
-# it replaces the bundled model only once `make evaluate MODEL=runs/xception-v2/model` beats 1.0.0.
+# Checkpointed every epoch: run it again after a stop and it continues. Lands in runs/, not in models/: it
+# replaces the bundled model only once `make evaluate MODEL=runs/xception-v2/model` meets docs/model-v2.md §8.
 model-v2: $(VENV)/.runtime
 	$(PY) -m training train --config configs/xception-v2.json --data $(ALL_DATA) --out runs/xception-v2/model \
 	  --run-dir runs/xception-v2/run --resume
