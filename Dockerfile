@@ -60,9 +60,11 @@ COPY static/ static/
 # Alembic migrations: `flask --app app db upgrade` (the k8s migrate Job) runs from this image.
 COPY migrations/ migrations/
 COPY models/2.0.0/ model/
-# The OpenVINO IR (the CPU fast path) is converted here from the baked-in model.keras; then byte-compile,
+# The OpenVINO IR (the CPU fast path) is converted here from the baked-in model.keras with the venv's
+# TensorFlow and OpenVINO (PATH does not name the venv yet), leaving no caches behind; then byte-compile,
 # as at run time the root filesystem is read-only.
-RUN python -m training export-openvino --model model \
+RUN /opt/venv/bin/python -m training export-openvino --model model \
+ && rm -rf /root/.keras /tmp/* \
  && python -m compileall -q app.py gunicorn.conf.py aisight training
 
 # HOME/KERAS_HOME/MPLCONFIGDIR/TMPDIR point at /tmp, the only writable place

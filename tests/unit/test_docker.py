@@ -348,7 +348,7 @@ def test_bundled_model_is_baked_in():
     assert (DEFAULT_MODEL_DIR / "model.keras").is_file() and (DEFAULT_MODEL_DIR / "model_card.json").is_file()
     for dockerfile in DOCKERFILES:
         assert f"COPY {bundled}/ model/" in (ROOT / dockerfile).read_text(), dockerfile
-    assert "RUN python -m training export-openvino --model model " in (ROOT / "Dockerfile").read_text()
+    assert "RUN /opt/venv/bin/python -m training export-openvino --model model " in (ROOT / "Dockerfile").read_text()
 
 
 def test_dockerignore_keeps_secrets_and_bulk_out():
