@@ -47,6 +47,7 @@ def test_the_gpu_script_says_when_there_is_no_gpu(tmp_path):
     assert (tmp_path / "summary.md").read_text().count("nothing measured") == 1
 
 
+@pytest.mark.slow  # a minute of TensorFlow loads for a bench tool: make test-all runs it
 def test_the_precision_check_reads_a_models_unseen_patients(model_dir, tmp_path):
     """bench/precision.py --data: the photos of patients the model never saw, with the card's preprocessing;
     every path the CPU can run is compared with the float32 reference (bf16 only where native)."""
