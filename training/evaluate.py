@@ -140,16 +140,12 @@ def shortcut_probe(features: np.ndarray, samples: Sequence[Sample], folds: int =
 
 def trained_patients(model_dir: str | Path, card: dict) -> set[str]:
     """Patients the model was trained or tuned on: from the artifact's list, else recomputed from the card."""
-    train, val = _seen_parts(model_dir, card)
+    train, val = seen_parts(model_dir, card)
     return train | val
 
 
-def validation_patients(model_dir: str | Path, card: dict) -> set[str]:
-    """Patients the model was tuned on (its epoch and threshold were chosen on them), not trained on."""
-    return _seen_parts(model_dir, card)[1]
-
-
-def _seen_parts(model_dir: str | Path, card: dict) -> tuple[set[str], set[str]]:
+def seen_parts(model_dir: str | Path, card: dict) -> tuple[set[str], set[str]]:
+    """(trained on, tuned on): the patients of the model's training and validation parts."""
     listed = Path(model_dir) / SPLIT_FILE
     if listed.is_file():
         parts = json.loads(listed.read_text())

@@ -127,7 +127,7 @@ def quantize_int8(
     from aisight import ov_backend
     from aisight.artifact import read_card, write_card
     from training.data import load_arrays, load_sources
-    from training.evaluate import trained_patients, validation_patients
+    from training.evaluate import seen_parts
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -136,8 +136,8 @@ def quantize_int8(
         ov_backend.export_dir(model_dir)
     preprocessing = card.get("preprocessing", "resize")
     samples = load_sources(data).samples
-    seen = trained_patients(model_dir, card)
-    val_patients = validation_patients(model_dir, card) if accuracy_control else set()
+    trained, val_patients = seen_parts(model_dir, card)  # once: without a split file it re-splits every source
+    seen = trained | val_patients
     pool = [s for s in samples if s.patient_id in seen]
     held = [s for s in samples if s.patient_id not in seen]
     if not pool or not held:
