@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:
 
 from aisight.artifact import DEFAULT_MODEL_DIR  # noqa: E402  (the bundled model)
 
-DEFAULT_MODEL = DEFAULT_MODEL_DIR
 DEFAULT_SPLIT = ROOT / "runs" / "bundled" / "split" / "test.csv"
 LIMIT_POINTS = 1.0  # the bound on the accuracy change
 
@@ -164,7 +163,7 @@ def bf16_record(res: dict, split: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model artifact folder")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model artifact folder")
     ap.add_argument("--split", default=str(DEFAULT_SPLIT), help="the test part of the model's split (CSV)")
     ap.add_argument("--data", help="instead of --split: data folders; their photos of unseen patients")
     ap.add_argument("--json", help="write the numbers here")
@@ -204,11 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if record is None:
             print("no bf16 path ran: the model card is left as it is", file=sys.stderr)
         else:
-            from aisight.artifact import read_card, write_card
+            from aisight.artifact import write_card
 
-            full = read_card(args.model)
-            full.setdefault("precision_check", {})["bf16"] = record
-            write_card(args.model, full)
+            model_card.setdefault("precision_check", {})["bf16"] = record
+            write_card(args.model, model_card)
             print(f"\nRecorded in {Path(args.model) / 'model_card.json'}: {json.dumps(record)}")
     return 0 if all(r["within_limit"] for r in res["paths"].values()) else 1
 

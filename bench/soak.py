@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from aisight.artifact import DEFAULT_MODEL_DIR  # noqa: E402  (the bundled model)
 from bench.model_step import model_dir_arg  # noqa: E402
 from bench.serve import DEFAULT_DATA, app_server, drive, gate_accepts, multipart, phone_photo, real_photos  # noqa: E402
 
@@ -108,7 +109,7 @@ def overload(server, bodies: list[bytes], admit: int, seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models/2.0.0", help="model artifact folder (default: the bundled one)")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model artifact folder (default: the bundled one)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="fundus-eye4 folder (manifest.csv)")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--every", type=float, default=30.0, help="seconds per printed window")

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 
+from aisight.artifact import DEFAULT_MODEL_DIR
 from training.config import TrainConfig
 
 
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-task, per-source and per-class metrics of a model artifact on photos "
                                         "of patients it did not train on (Markdown + JSON)")
-    p.add_argument("--model", default="models/2.0.0", help="artifact folder (default: the bundled models/2.0.0)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="artifact folder (default: the bundled model)")
     p.add_argument("--data", required=True, action="append", help="data folders (repeat or join with commas)")
     p.add_argument("--out", required=True, help="folder for evaluation.md, evaluation.json, predictions.npz")
     p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=("1", "2"), required=True)
 
     p = sub.add_parser("export-openvino", help="add the OpenVINO IR (the app's CPU fast path) to a model artifact")
-    p.add_argument("--model", default="models/2.0.0", help="artifact folder with model.keras (default: bundled)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="artifact with model.keras (default: bundled)")
     p.add_argument("--int8", action="store_true",
                    help="also quantise to int8 with NNCF (model_int8.xml) and record its per-source check in the card")
     p.add_argument("--data", action="append", default=[],
