@@ -11,12 +11,18 @@ import os
 import shutil
 import tempfile
 
+from aisight import wire
+
 # One BLAS thread per request thread. NumPy's OpenBLAS would otherwise start a pool per process whose
 # threads spin while waiting and take the cores OpenVINO's inference needs: the fundus-v2 blur is two small
 # matrix products per photo, and with the default pool the mixed load served 9.6 req/s instead of 14.7
 # (docs/performance.md, 7 Dec evening). Set here, in the master, so that every worker imports NumPy with it.
 for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_blas, "1")
+
+# Each answer's head goes out with its first body bytes: a worker killed mid-answer then leaves nginx nothing
+# (a clean 503) rather than a head without its body (a cut-off answer). Installed here, before the fork.
+wire.install()
 
 
 def _int(name: str, default: int) -> int:
