@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a stop")
     _add_config_options(p)
 
+    p = sub.add_parser("resolution", help="the same small network at several input sizes within one collection "
+                                          "(is 128 px the limit?): test AUCs side by side")
+    p.add_argument("--data", required=True, action="append", help="graded EyePACS photos (eyepacs-256)")
+    p.add_argument("--out", required=True, help="folder for resolution.md and resolution.json")
+    p.add_argument("--sizes", default="128,256", help="input sides in pixels (128,256)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epoch-size", type=int, default=2000, help="label-balanced photos drawn per epoch")
+    p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("evaluate", help="per-task, per-source and per-class metrics of a model artifact on photos "
                                         "of patients it did not train on (Markdown + JSON)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="artifact folder (default: the bundled model)")
@@ -211,6 +221,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         run_comparison(cfg, args.data, args.out, args.cache or default_cache(), leave_out=args.leave_out,
                        train_sources=tuple(args.train_sources.split(",")) if args.train_sources else (),
                        resume=args.resume)
+        return 0
+    if args.command == "resolution":
+        from training.resolution import run_resolution
+
+        run_resolution(args.data, args.out, [int(v) for v in args.sizes.split(",")], epochs=args.epochs,
+                       epoch_size=args.epoch_size, cache=args.cache or default_cache(), seed=args.seed)
         return 0
     if args.command == "evaluate":
         from training.evaluate import evaluate_model

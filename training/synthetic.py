@@ -70,11 +70,13 @@ def write_dataset(
     size: int = 200,
     source: str = "synthetic",
     labels: tuple[str, ...] = ("healthy", "diseased"),
+    graded: bool = False,
 ) -> Path:
     """Write a class-per-folder set (healthy/, diseased/) with a manifest.csv; return the folder.
 
     ``source`` names the collection in the manifest (and the patient ids); ``labels`` may hold one class
-    only, as some real folders do."""
+    only, as some real folders do. ``graded`` adds EyePACS grades (``original_label``): healthy photos are
+    grade 0, diseased ones alternate mild and moderate, so each patient has one eye of each."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     rows = []
@@ -85,8 +87,10 @@ def write_dataset(
             make_fundus(rng, label == "diseased", size=size).save(out / rel, quality=92)
             # Two eyes per synthetic patient, so patient-level splitting is exercised.
             rows.append({"path": rel, "label": label, "patient_id": f"{source}-{label}-{i // 2}", "source": source})
+            if graded:
+                rows[-1]["original_label"] = "no_dr" if label == "healthy" else ("moderate_dr" if i % 2 else "mild_dr")
     with open(out / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id", "source"])
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id", "source"] + ["original_label"] * graded)
         writer.writeheader()
         writer.writerows(rows)
     return out

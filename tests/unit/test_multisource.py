@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -26,16 +25,8 @@ def folders(tmp_path_factory) -> list[Path]:
     """Three small folders as the shared data has them: two sources with both labels, one with one."""
     base = tmp_path_factory.mktemp("multi")
     a = write_dataset(base / "odir-like", n_per_class=8, seed=1, size=160, source="odir")
-    b = write_dataset(base / "graded", n_per_class=8, seed=2, size=160, source="eyepacs")
+    b = write_dataset(base / "graded", n_per_class=8, seed=2, size=160, source="eyepacs", graded=True)
     c = write_dataset(base / "raw-dr", n_per_class=6, seed=3, size=160, source="idrid", labels=("diseased",))
-    # Give the graded folder EyePACS grades and one patient shared with a photo in another folder.
-    rows = list(csv.DictReader(open(b / "manifest.csv")))
-    for i, r in enumerate(rows):
-        r["original_label"] = "no_dr" if r["label"] == "healthy" else ("moderate_dr" if i % 2 else "mild_dr")
-    with open(b / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*rows[0].keys()])
-        w.writeheader()
-        w.writerows(rows)
     return [a, b, c]
 
 

@@ -1,0 +1,43 @@
+"""python -m training resolution: one network and recipe at several input sizes, test AUCs side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.__main__ import main
+from training.synthetic import write_dataset
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory) -> Path:
+    """A small EyePACS-like folder: healthy (grade 0) and diseased (grades 1 and 2) from one collection."""
+    folder = write_dataset(tmp_path_factory.mktemp("res") / "graded", n_per_class=30, seed=4, size=160,
+                           source="eyepacs", graded=True)
+    return folder
+
+
+def test_two_sizes_trained_and_tested_side_by_side(graded, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["resolution", "--data", str(graded), "--out", str(out), "--sizes", "32,64", "--epochs", "2",
+            "--epoch-size", "64", "--cache", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    result = json.loads((out / "resolution.json").read_text())
+    assert [r["side"] for r in result["results"]] == [32, 64]
+    for r in result["results"]:
+        assert r["kept_epoch"] in (1, 2) and len(r["history"]) == 2
+        for task in ("eyepacs_any", "eyepacs_moderate"):
+            t = r["test"][task]
+            assert 0.0 <= t["auc"] <= 1.0 and t["ci95"][0] <= t["auc"] <= t["ci95"][1]
+            assert t["n"][0] > 0 and t["n"][1] > 0
+    table = (out / "resolution.md").read_text()
+    assert "| 32x32 |" in table and "| 64x64 |" in table
+    assert list((tmp_path / "cache").glob("fundus-v2-64-*.npy"))  # a second run decodes nothing again
+
+
+def test_photos_without_grades_are_refused_clearly(tmp_path, capsys):
+    plain = write_dataset(tmp_path / "odir", n_per_class=6, seed=1, size=120, source="odir")
+    assert main(["resolution", "--data", str(plain), "--out", str(tmp_path / "o"), "--sizes", "32"]) == 2
+    assert "use EyePACS graded photos" in capsys.readouterr().err
