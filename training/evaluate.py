@@ -46,6 +46,25 @@ def bootstrap_auc(y: np.ndarray, prob: np.ndarray, reps: int = BOOTSTRAP, seed: 
     return float(lo), float(hi)
 
 
+def bootstrap_auc_difference(y: np.ndarray, prob_b: np.ndarray, prob_a: np.ndarray, reps: int = BOOTSTRAP,
+                             seed: int = 0) -> tuple[float, float, float]:
+    """AUC(b) - AUC(a) of two models on the same photos, with a paired 95% percentile interval (the same
+    resampled positives and negatives for both, so what the photos share does not widen it)."""
+    y = np.asarray(y).astype(bool)
+    a, b = np.asarray(prob_a), np.asarray(prob_b)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    diffs = []
+    for _ in range(reps):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        diffs.append(auc(labels, b[idx]) - auc(labels, a[idx]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return auc(y, b) - auc(y, a), float(lo), float(hi)
+
+
 def task_metrics(samples: Sequence[Sample], prob: np.ndarray, threshold: float) -> dict[str, dict]:
     """Each task with both classes present: counts, AUC [95% CI], sensitivity/specificity at ``threshold``."""
     out = {}

@@ -94,7 +94,7 @@ def train_one(side: int, x: dict[str, np.ndarray], y: dict[str, np.ndarray], mas
             + f" ({row['seconds']}s){' *' if kept else ''}")
     model.set_weights(best[1])
     prob = model.predict(x["test"], batch_size=64, verbose=0)[:, 1]
-    test = {}
+    test = {"prob": [round(float(p), 6) for p in prob]}  # kept: the sizes are compared photo by photo
     for t in TASK_NAMES:
         yt, pt = _task(masks["test"][t], prob)
         test[t] = {"auc": auc(yt, pt), "ci95": list(bootstrap_auc(yt, pt)), "n": [int((yt == 0).sum()), int(yt.sum())]}
@@ -130,6 +130,7 @@ def run_resolution(data, out: str | Path, sizes: Sequence[int], epochs: int = 10
         x = {p: fundus_arrays(parts[p], side, Path(cache) if cache else None) for p in parts}
         log(f"{side}px: inputs ready in {time.perf_counter() - t0:.0f}s")
         results.append(train_one(side, x, y, masks, epochs, epoch_size, seed, log))
+        compare_to_first(results, masks["test"])
         (out / "resolution.json").write_text(json.dumps({"data": str(data), "epochs": epochs, "epoch_size": epoch_size,
                                                          "seed": seed, "results": results}, indent=2) + "\n")
     (out / "resolution.md").write_text(markdown(results, epochs, epoch_size))
@@ -137,14 +138,36 @@ def run_resolution(data, out: str | Path, sizes: Sequence[int], epochs: int = 10
     return {"results": results}
 
 
+def compare_to_first(results: list[dict], masks: dict) -> None:
+    """Add to each result after the first its AUC difference from the first size, paired on the test photos."""
+    from training.evaluate import bootstrap_auc_difference
+
+    first = np.array(results[0]["test"]["prob"])
+    for r in results[1:]:
+        prob = np.array(r["test"]["prob"])
+        r["vs_first"] = {}
+        for t in TASK_NAMES:
+            mask, labels = masks[t]
+            d, lo, hi = bootstrap_auc_difference(labels, prob[mask], first[mask])
+            r["vs_first"][t] = {"difference": d, "ci95": [lo, hi]}
+
+
 def markdown(results: list[dict], epochs: int, epoch_size: int) -> str:
-    """The side-by-side table of the test patients' AUCs."""
+    """The side-by-side table of the test patients' AUCs (and differences from the first size, paired)."""
+    base = results[0]["side"]
     lines = [f"ProxyNet from scratch, {epochs} epochs of {epoch_size} label-balanced photos, epoch kept by "
-             f"validation {SELECT_TASK}; test patients' AUC [95% bootstrap interval]:", "",
+             f"validation {SELECT_TASK}; test patients' AUC [95% bootstrap interval], and the difference from "
+             f"{base} px on the same photos [paired 95% interval]:", "",
              "| input | kept epoch | grade 0 vs 1-4 | grade 0 vs 2-4 | training img/s |", "|---|---:|---|---|---:|"]
     for r in results:
-        cells = [f"{r['test'][t]['auc']:.3f} [{r['test'][t]['ci95'][0]:.3f}, {r['test'][t]['ci95'][1]:.3f}]"
-                 for t in TASK_NAMES]
+        cells = []
+        for t in TASK_NAMES:
+            a = r["test"][t]
+            cell = f"{a['auc']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+            if "vs_first" in r:
+                d = r["vs_first"][t]
+                cell += f"; {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            cells.append(cell)
         lines.append(f"| {r['side']}x{r['side']} | {r['kept_epoch']} | {cells[0]} | {cells[1]} | "
                      f"{r['train_images_per_second']} |")
     return "\n".join(lines) + "\n"

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from training.data import Sample, load_sources, split_by_patient
-from training.evaluate import bootstrap_auc, shortcut_probe, task_metrics
+from training.evaluate import bootstrap_auc, bootstrap_auc_difference, shortcut_probe, task_metrics
 from training.fit import epoch_indices
+from training.metrics import auc
 from training.synthetic import write_dataset
 from training.tasks import cells, get_task, task_masks
 
@@ -157,3 +158,14 @@ def test_train_resume_and_evaluate_end_to_end(folders, tmp_path):
     schedule = json.loads(zipfile.ZipFile(tmp_path / "run" / "checkpoint" / "last.keras").read("config.json"))
     lr = schedule["compile_config"]["optimizer"]["config"]["learning_rate"]["config"]
     assert lr["warmup_target"] == lr["initial_learning_rate"] == 0.0003
+
+
+def test_paired_auc_difference():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300, int), np.ones(100, int)]
+    weak = y * 0.3 + rng.normal(0, 1, len(y))
+    strong = y * 1.5 + rng.normal(0, 1, len(y))
+    d, lo, hi = bootstrap_auc_difference(y, strong, weak)
+    assert d == pytest.approx(auc(y, strong) - auc(y, weak)) and 0 < lo <= d <= hi
+    d, lo, hi = bootstrap_auc_difference(y, weak, weak)
+    assert d == lo == hi == 0.0  # a model against itself: no difference, however the photos are drawn

@@ -32,6 +32,11 @@ def test_two_sizes_trained_and_tested_side_by_side(graded, tmp_path, capsys):
             t = r["test"][task]
             assert 0.0 <= t["auc"] <= 1.0 and t["ci95"][0] <= t["auc"] <= t["ci95"][1]
             assert t["n"][0] > 0 and t["n"][1] > 0
+    first, second = result["results"]
+    assert len(first["test"]["prob"]) == len(second["test"]["prob"]) and "vs_first" not in first
+    for task, d in second["vs_first"].items():  # paired on the same test photos
+        assert d["difference"] == pytest.approx(second["test"][task]["auc"] - first["test"][task]["auc"])
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
     table = (out / "resolution.md").read_text()
     assert "| 32x32 |" in table and "| 64x64 |" in table
     assert list((tmp_path / "cache").glob("fundus-v2-64-*.npy"))  # a second run decodes nothing again
