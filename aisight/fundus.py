@@ -27,7 +27,14 @@ import numpy as np
 from PIL import Image
 
 SIDE = 128
-SIGMA = SIDE / 30.0  # px at 128: local background scale (about 1/15 of the field's radius)
+
+
+def blur_sigma(side: int) -> float:
+    """The local background's scale in px for a crop of ``side`` px: about 1/15 of the field's radius."""
+    return side / 30.0
+
+
+SIGMA = blur_sigma(SIDE)
 SPREADS = 4.0  # +-4 spreads of local contrast fill 0..255
 FIELD_LEVEL = 24.0  # a pixel belongs to the field if any channel differs this much from the surround
 EDGE_KEEP = 0.94  # keep a circle of this fraction of the field's radius (the rim is camera-specific)
@@ -175,4 +182,4 @@ def fundus_crop(img: Image.Image, size: int = SIDE) -> tuple[np.ndarray, np.ndar
 def fundus_input(img: Image.Image, size: int = SIDE) -> tuple[np.ndarray, Field]:
     """The camera-invariant model input of an RGB photo, and the field crop it came from."""
     crop, mask, field = fundus_crop(img, size)
-    return normalise(crop, mask), field
+    return normalise(crop, mask, blur_sigma(size)), field

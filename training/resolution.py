@@ -7,8 +7,9 @@ patients' AUCs with bootstrap intervals side by side (``resolution.md`` and ``re
 
 Run it on ``eyepacs-256``: healthy and diseased eyes from one collection, so no camera can answer and
 any difference between sizes is what the extra pixels show of the disease. The input is ``fundus-v2``
-at each size (crop to the field, minus a blurred copy whose width scales with the size). The product
-stays at 128x128x3 (the paper's design); this measures what that choice costs.
+at each size, decoded as the app decodes (crop to the field, minus a blurred copy whose width scales
+with the size: ``aisight.fundus.blur_sigma``). The product stays at 128x128x3 (the paper's design); this
+measures what that choice costs.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ SELECT_TASK = "eyepacs_moderate"
 
 def fundus_arrays(samples: Sequence[Sample], side: int, cache: Path | None) -> np.ndarray:
     """``fundus-v2`` inputs (uint8, side x side x 3) of ``samples``, cached per side as one .npy file."""
-    from PIL import Image
-
-    from aisight.fundus import fundus_crop, normalise
+    from aisight.fundus import fundus_input
+    from aisight.preprocess import open_image
 
     digest = hashlib.sha1("\n".join(s.path for s in samples).encode()).hexdigest()[:16]
     key = f"fundus-v2-{side}-{len(samples)}-{digest}.npy"
@@ -39,9 +39,8 @@ def fundus_arrays(samples: Sequence[Sample], side: int, cache: Path | None) -> n
         return np.load(cache / key)
     out = np.empty((len(samples), side, side, 3), np.uint8)
     for i, s in enumerate(samples):
-        with Image.open(s.path) as img:
-            crop, mask, _ = fundus_crop(img.convert("RGB"), side)
-        out[i] = normalise(crop, mask, sigma=side / 30.0)  # the same blur width relative to the field
+        # The app's decode; a JPEG's draft scale kept at twice the side, as the app keeps it at twice 128.
+        out[i] = fundus_input(open_image(Path(s.path).read_bytes(), draft_size=(2 * side, 2 * side)), side)[0]
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         np.save(cache / key, out)

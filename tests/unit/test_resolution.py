@@ -14,9 +14,8 @@ from training.synthetic import write_dataset
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory) -> Path:
     """A small EyePACS-like folder: healthy (grade 0) and diseased (grades 1 and 2) from one collection."""
-    folder = write_dataset(tmp_path_factory.mktemp("res") / "graded", n_per_class=30, seed=4, size=160,
-                           source="eyepacs", graded=True)
-    return folder
+    return write_dataset(tmp_path_factory.mktemp("res") / "graded", n_per_class=30, seed=4, size=160,
+                         source="eyepacs", graded=True)
 
 
 def test_two_sizes_trained_and_tested_side_by_side(graded, tmp_path, capsys):
