@@ -5,6 +5,7 @@
   rank    rank the finished candidates of a stage with the paper's score (OUT/stage<S>.csv)
   report  Markdown report with PNG plots, of a selection (--out) or of one train run (--run)
   compare train a (small) network on one split, per-task validation AUC every epoch; --leave-out S
+  paired  two compare runs on the same photos: per-task AUC difference with a paired interval
   evaluate  metrics of a model artifact per task, source and class, with a shortcut probe
 """
 
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a stop")
     _add_config_options(p)
 
+    p = sub.add_parser("paired", help="two compare runs on the same photos: per-task AUCs and the paired "
+                                      "difference with a bootstrap interval")
+    p.add_argument("--run", required=True, help="a compare --out folder (the method tried)")
+    p.add_argument("--baseline", required=True, help="a compare --out folder (what it is measured against)")
+    p.add_argument("--out", default=None, help="also write paired.md and paired.json here")
+
     p = sub.add_parser("resolution", help="the same small network at several input sizes within one collection "
                                           "(is 128 px the limit?): test AUCs side by side")
     p.add_argument("--data", required=True, action="append", help="graded EyePACS photos (eyepacs-256)")
@@ -221,6 +228,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         run_comparison(cfg, args.data, args.out, args.cache or default_cache(), leave_out=args.leave_out,
                        train_sources=tuple(args.train_sources.split(",")) if args.train_sources else (),
                        resume=args.resume)
+        return 0
+    if args.command == "paired":
+        from training.proxy import paired, paired_markdown
+
+        result = paired(args.run, args.baseline)
+        text = paired_markdown(result, args.run, args.baseline)
+        print(text, end="")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "paired.md").write_text(text)
+            (Path(args.out) / "paired.json").write_text(json.dumps(result, indent=1) + "\n")
         return 0
     if args.command == "resolution":
         from training.resolution import run_resolution

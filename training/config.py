@@ -44,6 +44,9 @@ class TrainConfig:
     # A resumed run whose schedule has run out can go on: hold this learning rate for one epoch, then
     # cosine-decay it to 0 by the (larger) epochs. 0: continue the saved schedule unchanged.
     restart_lr: float = 0.0
+    # Weight of a domain-adversarial head that tries to name each training photo's camera look among the
+    # photos of its label, behind a gradient reversal (training.adversary; needs balance cell's cells). 0: off.
+    adversary: float = 0.0
     recalibrate_batches: int = 8
     name: str = "aisight"
     version: str = ""

@@ -8,8 +8,6 @@ keep the best epoch, and, with a checkpoint folder, save everything needed to re
 from __future__ import annotations
 
 import csv
-import json
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training import adversary
+from training.checkpoint import Checkpoint, lr_schedule, warm_restart
 from training.config import TrainConfig, loss_name, make_optimizer
 from training.metrics import classification_metrics, loss_value
 
@@ -84,17 +84,23 @@ def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, aug=None, seed: int | None = None):
+def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, aug=None, seed: int | None = None,
+                  cells: np.ndarray | None = None):
     """The training input pipeline: shuffle, batch, cast to float32, augment (optional), prefetch.
 
     ``x`` with 4 channels holds fundus crops + masks (``training.augment``): they are augmented as a
     camera would change them, then normalised (with ``cfg.augment``; normalised only without).
+    ``cells`` appends each photo's cell number to its target (the domain-adversarial trainer's).
     """
     import keras
     import tensorflow as tf
 
     seed = cfg.seed if seed is None else seed
     targets = keras.utils.to_categorical(y, 2)
+    if cells is not None:
+        from training.adversary import targets as with_cells
+
+        targets = with_cells(targets, cells)
     if x.ndim == 4 and x.shape[-1] == 4:
         from training.augment import fundus_dataset
 
@@ -140,68 +146,6 @@ def _model_inputs(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
         return inputs_from_crops(x[idx])
     return x[idx]
-
-
-class Checkpoint:
-    """The state of a run after its last finished epoch, in one folder: resumable after a stop."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.model_path = self.folder / "last.keras"
-        self.state_path = self.folder / "state.json"
-        self.best_path = self.folder / "best.weights.h5"
-
-    def exists(self) -> bool:
-        return self.state_path.is_file() and self.model_path.is_file()
-
-    def save(self, model, state: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.model_path.with_name("last.tmp.keras")
-        model.save(tmp)  # with the optimizer's state (moments, step count: the schedule resumes too)
-        os.replace(tmp, self.model_path)
-        tmp_state = self.state_path.with_suffix(".tmp")
-        tmp_state.write_text(json.dumps(state, indent=1) + "\n")
-        os.replace(tmp_state, self.state_path)
-
-    def load(self):
-        import keras
-
-        import aisight.layers  # noqa: F401  registers FamilyPreprocess
-
-        return keras.saving.load_model(self.model_path, compile=True), json.loads(self.state_path.read_text())
-
-
-def _lr(cfg: TrainConfig, steps: int):
-    import keras
-
-    if cfg.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(
-            0.0 if cfg.warmup_epochs else cfg.lr, decay_steps=max(1, steps * (cfg.epochs - cfg.warmup_epochs)),
-            warmup_target=cfg.lr if cfg.warmup_epochs else None, warmup_steps=steps * cfg.warmup_epochs,
-        )
-    if cfg.schedule == "constant":
-        return cfg.lr
-    raise ValueError(f"unknown schedule {cfg.schedule!r}")
-
-
-def _warm_restart(cfg: TrainConfig, model, done: int, steps: int, log: Callable[[str], None]) -> dict | None:
-    """With ``cfg.restart_lr``, give a resumed model a new schedule over epochs done+1..cfg.epochs:
-    the restart rate for one epoch, then cosine to 0. The optimizer keeps its moments and step count;
-    the schedule is saved with it, so a later resume goes on with it. Returns what to record, or None."""
-    import keras
-
-    if not cfg.restart_lr or cfg.epochs <= done:
-        return None
-    at = int(model.optimizer.iterations.numpy())
-    # CosineDecay's warm-up from restart_lr to restart_lr is a constant stretch ending one epoch after
-    # the restart; step counts continue from the checkpoint, so it is offset by the steps already taken.
-    model.optimizer.learning_rate = keras.optimizers.schedules.CosineDecay(
-        cfg.restart_lr, decay_steps=max(1, steps * (cfg.epochs - done - 1)), warmup_target=cfg.restart_lr,
-        warmup_steps=at + steps,
-    )
-    log(f"warm restart after epoch {done}: learning rate {cfg.restart_lr:g} for one epoch, then cosine to 0 "
-        f"by epoch {cfg.epochs}")
-    return {"after_epoch": done, "lr": cfg.restart_lr, "epochs": cfg.epochs}
 
 
 def _score(cfg: TrainConfig, row: dict) -> float:
@@ -255,20 +199,28 @@ def fit(
     history: list[dict[str, float]] = []
     best = {"score": -np.inf, "weights": None, "epoch": -1}
     stale, first_epoch, restart = 0, 1, None
+    if cfg.adversary and (train_cells is None or cfg.class_weight):
+        raise ValueError("adversary needs train_cells (the camera look of every training photo) and no class_weight")
     if resume and ckpt and ckpt.exists():
-        model, state = ckpt.load()
+        trainer, state = ckpt.load()  # the trainer, head included, for a domain-adversarial run
+        model = adversary.classifier(trainer) if cfg.adversary else trainer
         history, stale = state["history"], state["stale"]
         best.update(score=state["best_score"], epoch=state["best_epoch"])
         first_epoch = state["epoch"] + 1
         log(f"resumed from {ckpt.folder} after epoch {state['epoch']} (best epoch {state['best_epoch']})")
-        restart = state.get("restart") or _warm_restart(cfg, model, state["epoch"], steps, log)
+        restart = state.get("restart") or warm_restart(cfg, trainer, state["epoch"], steps, log)
     else:
         model = build_model(
             cfg.arch, weights=cfg.weights, head=cfg.head, dropout=cfg.dropout, trainable=cfg.trainable,
             bn_momentum=cfg.bn_momentum,
         )
-        model.compile(optimizer=make_optimizer(cfg.optimizer, _lr(cfg, steps)), loss=loss_name(cfg.loss),
-                      metrics=["accuracy"])
+        optimizer = make_optimizer(cfg.optimizer, lr_schedule(cfg, steps))
+        if cfg.adversary:
+            trainer = adversary.trainer(model, adversary.cell_labels(train_cells, y_train), optimizer,
+                                        loss_name(cfg.loss))
+        else:
+            trainer = model
+            model.compile(optimizer=optimizer, loss=loss_name(cfg.loss), metrics=["accuracy"])
         if history_path:
             history_path.unlink(missing_ok=True)
 
@@ -290,8 +242,11 @@ def fit(
                 break
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)  # the same draws after a resume
         idx = epoch_indices(y_train, train_cells, cfg.balance, cfg.epoch_size, rng)
-        ds = train_dataset(x_train[idx], y_train[idx], cfg, aug, seed=cfg.seed * 1000 + epoch)
-        h = model.fit(ds, epochs=1, verbose=1 if progress else 0, class_weight=class_weight)
+        if cfg.adversary:
+            adversary.set_scale(trainer, cfg.adversary * adversary.ramp(epoch, cfg.epochs))
+        ds = train_dataset(x_train[idx], y_train[idx], cfg, aug, seed=cfg.seed * 1000 + epoch,
+                           cells=train_cells[idx] if cfg.adversary else None)
+        h = trainer.fit(ds, epochs=1, verbose=1 if progress else 0, class_weight=class_weight)
         train_seconds = time.perf_counter() - t0
         calib = rng.choice(len(x_train), size=min(len(x_train), cfg.batch_size * cfg.recalibrate_batches),
                            replace=False)
@@ -310,6 +265,8 @@ def fit(
             "val_specificity": vm["specificity"],
             "val_auc_odir": float("nan"),
         }
+        if "source_accuracy" in h.history:  # the adversary's hit rate on the camera look (falls as it is erased)
+            row["train_source_accuracy"] = float(h.history["source_accuracy"][-1])
         for name, mask in tasks.items():
             row[f"val_auc_{name}"] = classification_metrics(y_val[mask], p_val[mask])["auc"]
         controlled = [row[f"val_auc_{t}"] for t in controlled_tasks if f"val_auc_{t}" in row]
@@ -331,7 +288,7 @@ def fit(
         else:
             stale += 1
         if ckpt:
-            ckpt.save(model, {"epoch": epoch, "best_score": float(best["score"]), "best_epoch": best["epoch"],
+            ckpt.save(trainer, {"epoch": epoch, "best_score": float(best["score"]), "best_epoch": best["epoch"],
                               "stale": stale, "history": history, "restart": restart})
         per_task = " ".join(f"{k[8:]} {row[k]:.3f}" for k in row if k.startswith("val_auc_") and np.isfinite(row[k]))
         log(

@@ -81,7 +81,7 @@ def run_comparison(
         "history": history,
     }
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    np.savez_compressed(out / "predictions.npz", prob=prob, y=y_ev,
+    np.savez_compressed(out / "predictions.npz", prob=prob, y=y_ev, path=np.array([s.path for s in evaluate]),
                         source=np.array([s.source for s in evaluate]),
                         original_label=np.array([s.original_label for s in evaluate]))
     log(f"kept epoch {result['best_epoch']}: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
@@ -90,3 +90,47 @@ def run_comparison(
 
 def _mean(v: np.ndarray) -> float:
     return float(v.mean()) if v.size else float("nan")
+
+
+def paired(run: str | Path, baseline: str | Path) -> dict[str, dict]:
+    """Per task, two comparison runs' AUCs on the same photos and their paired difference (run minus
+    baseline) with a bootstrap 95% interval: did a method change help, beyond the photos' luck?"""
+    from types import SimpleNamespace
+
+    from training.evaluate import bootstrap_auc_difference
+    from training.tasks import TASKS
+
+    a, b = (np.load(Path(d) / "predictions.npz") for d in (run, baseline))
+    same = [k for k in ("path", "y", "source", "original_label") if k in a.files and k in b.files]
+    if len(a["y"]) != len(b["y"]) or not all(np.array_equal(a[k], b[k]) for k in same):
+        raise ValueError(f"{run} and {baseline} were not evaluated on the same photos (same data, split and "
+                         "--leave-out are needed)")
+    samples = [SimpleNamespace(source=s, label=int(y), original_label=o)
+               for s, y, o in zip(a["source"], a["y"], a["original_label"], strict=True)]
+    out = {}
+    for task in TASKS:
+        mask, y = task.select(samples)
+        if 0 < y.sum() < len(y):
+            diff, lo, hi = bootstrap_auc_difference(y, a["prob"][mask], b["prob"][mask])
+            out[task.name] = {"title": task.title, "controlled": task.controlled, "n": int(mask.sum()),
+                              "run": _auc(y, a["prob"][mask]), "baseline": _auc(y, b["prob"][mask]),
+                              "difference": diff, "ci95": [lo, hi]}
+    return out
+
+
+def paired_markdown(result: dict[str, dict], run: str, baseline: str) -> str:
+    """``paired``'s result as a Markdown table."""
+    lines = [f"run `{run}` against baseline `{baseline}`, the same photos; AUC difference with a paired "
+             "bootstrap 95% interval", "", "| task | photos | baseline | run | difference [95% CI] |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for r in result.values():
+        lo, hi = r["ci95"]
+        lines.append(f"| {r['title']} | {r['n']} | {r['baseline']:.3f} | {r['run']:.3f} | "
+                     f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def _auc(y: np.ndarray, prob: np.ndarray) -> float:
+    from training.metrics import auc
+
+    return float(auc(y, prob))
