@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-size", type=int, default=2000, help="label-balanced photos drawn per epoch")
     p.add_argument("--cache", default=None, help="cache of decoded arrays (default .cache/arrays)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="ProxyNet", help="ProxyNet (default) or Xception, from scratch")
 
     p = sub.add_parser("evaluate", help="per-task, per-source and per-class metrics of a model artifact on photos "
                                         "of patients it did not train on (Markdown + JSON)")
@@ -244,7 +245,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from training.resolution import run_resolution
 
         run_resolution(args.data, args.out, [int(v) for v in args.sizes.split(",")], epochs=args.epochs,
-                       epoch_size=args.epoch_size, cache=args.cache or default_cache(), seed=args.seed)
+                       epoch_size=args.epoch_size, cache=args.cache or default_cache(), seed=args.seed,
+                       arch=args.arch)
         return 0
     if args.command == "evaluate":
         from training.evaluate import evaluate_model

@@ -1,9 +1,10 @@
 """Is 128 px the limit? The same small network and recipe at several input sizes, within one collection.
 
-``python -m training resolution --data DIR --sizes 128,256`` trains ProxyNet (from scratch, Adam + MSE,
-label-balanced epochs, flips and rotations) once per size on the same patient split, keeps the epoch
-with the best validation AUC of the graded retinopathy task (grade 0 vs 2-4) and reports the test
-patients' AUCs with bootstrap intervals side by side (``resolution.md`` and ``resolution.json``).
+``python -m training resolution --data DIR --sizes 128,256`` trains ProxyNet (``--arch Xception``: the
+product's network) from scratch (Adam + MSE, label-balanced epochs, flips and rotations) once per size
+on the same patient split, keeps the epoch with the best validation AUC of the graded retinopathy task
+(grade 0 vs 2-4) and reports the test patients' AUCs with bootstrap intervals side by side
+(``resolution.md`` and ``resolution.json``).
 
 Run it on ``eyepacs-256``: healthy and diseased eyes from one collection, so no camera can answer and
 any difference between sizes is what the extra pixels show of the disease. The input is ``fundus-v2``
@@ -47,23 +48,37 @@ def fundus_arrays(samples: Sequence[Sample], side: int, cache: Path | None) -> n
     return out
 
 
-def build_proxy(side: int):
-    """ProxyNet (``training.models``) with a GAP head on a side x side x 3 input."""
+ARCHS = ("ProxyNet", "Xception")
+
+
+def build_net(side: int, arch: str = "ProxyNet"):
+    """``arch`` from scratch (ProxyNet from ``training.models``, or Xception with BatchNormalization
+    momentum 0.9 as the product's run) with a GAP head on a side x side x 3 input."""
     import keras
 
     from training.models import _proxy_base
 
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     inputs = keras.Input((side, side, 3), name="image")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)  # also Xception's own scaling
     x = keras.layers.RandomFlip("horizontal_and_vertical", name="flip")(x)
     x = keras.layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, name="rotate")(x)  # 0 = grey
-    y = keras.layers.GlobalAveragePooling2D(name="gap")(_proxy_base(x).output)
+    if arch == "Xception":
+        base = keras.applications.Xception(include_top=False, weights=None, input_tensor=x)
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+        features = base.output
+    else:
+        features = _proxy_base(x).output
+    y = keras.layers.GlobalAveragePooling2D(name="gap")(features)
     y = keras.layers.Dropout(0.3, name="dropout")(y)
     return keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="prediction")(y))
 
 
 def train_one(side: int, x: dict[str, np.ndarray], y: dict[str, np.ndarray], masks: dict, epochs: int,
-              epoch_size: int, seed: int, log: Callable[[str], None]) -> dict:
+              epoch_size: int, seed: int, log: Callable[[str], None], arch: str = "ProxyNet") -> dict:
     """Train at ``side``; return the kept epoch, its validation AUCs and the test patients' AUCs with intervals."""
     import keras
 
@@ -72,7 +87,7 @@ def train_one(side: int, x: dict[str, np.ndarray], y: dict[str, np.ndarray], mas
     from training.metrics import auc
 
     keras.utils.set_random_seed(seed)
-    model = build_proxy(side)
+    model = build_net(side, arch)
     steps = epochs * (epoch_size // 32)
     model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, steps)), loss="mse")
     rng = np.random.default_rng(seed)
@@ -97,8 +112,8 @@ def train_one(side: int, x: dict[str, np.ndarray], y: dict[str, np.ndarray], mas
     for t in TASK_NAMES:
         yt, pt = _task(masks["test"][t], prob)
         test[t] = {"auc": auc(yt, pt), "ci95": list(bootstrap_auc(yt, pt)), "n": [int((yt == 0).sum()), int(yt.sum())]}
-    return {"side": side, "kept_epoch": best[0]["epoch"], "val": best[0], "test": test, "history": history,
-            "train_images_per_second": round(epochs * epoch_size / t_train, 1)}
+    return {"side": side, "arch": arch, "kept_epoch": best[0]["epoch"], "val": best[0], "test": test,
+            "history": history, "train_images_per_second": round(epochs * epoch_size / t_train, 1)}
 
 
 def _task(mask_labels: tuple[np.ndarray, np.ndarray], prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +122,8 @@ def _task(mask_labels: tuple[np.ndarray, np.ndarray], prob: np.ndarray) -> tuple
 
 
 def run_resolution(data, out: str | Path, sizes: Sequence[int], epochs: int = 10, epoch_size: int = 2000,
-                   cache: str | Path | None = None, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+                   cache: str | Path | None = None, seed: int = 0, log: Callable[[str], None] = print,
+                   arch: str = "ProxyNet") -> dict:
     """Train and test once per size on one patient split of ``data``; write resolution.{json,md} in ``out``."""
     from training.data import load_sources, split_by_patient
     from training.tasks import get_task
@@ -128,11 +144,12 @@ def run_resolution(data, out: str | Path, sizes: Sequence[int], epochs: int = 10
         t0 = time.perf_counter()
         x = {p: fundus_arrays(parts[p], side, Path(cache) if cache else None) for p in parts}
         log(f"{side}px: inputs ready in {time.perf_counter() - t0:.0f}s")
-        results.append(train_one(side, x, y, masks, epochs, epoch_size, seed, log))
+        results.append(train_one(side, x, y, masks, epochs, epoch_size, seed, log, arch))
         compare_to_first(results, masks["test"])
-        (out / "resolution.json").write_text(json.dumps({"data": str(data), "epochs": epochs, "epoch_size": epoch_size,
-                                                         "seed": seed, "results": results}, indent=2) + "\n")
-    (out / "resolution.md").write_text(markdown(results, epochs, epoch_size))
+        summary = {"data": str(data), "arch": arch, "epochs": epochs, "epoch_size": epoch_size, "seed": seed,
+                   "results": results}
+        (out / "resolution.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "resolution.md").write_text(markdown(results, epochs, epoch_size, arch))
     log((out / "resolution.md").read_text())
     return {"results": results}
 
@@ -151,10 +168,10 @@ def compare_to_first(results: list[dict], masks: dict) -> None:
             r["vs_first"][t] = {"difference": d, "ci95": [lo, hi]}
 
 
-def markdown(results: list[dict], epochs: int, epoch_size: int) -> str:
+def markdown(results: list[dict], epochs: int, epoch_size: int, arch: str = "ProxyNet") -> str:
     """The side-by-side table of the test patients' AUCs (and differences from the first size, paired)."""
     base = results[0]["side"]
-    lines = [f"ProxyNet from scratch, {epochs} epochs of {epoch_size} label-balanced photos, epoch kept by "
+    lines = [f"{arch} from scratch, {epochs} epochs of {epoch_size} label-balanced photos, epoch kept by "
              f"validation {SELECT_TASK}; test patients' AUC [95% bootstrap interval], and the difference from "
              f"{base} px on the same photos [paired 95% interval]:", "",
              "| input | kept epoch | grade 0 vs 1-4 | grade 0 vs 2-4 | training img/s |", "|---|---:|---|---|---:|"]

@@ -45,3 +45,16 @@ def test_photos_without_grades_are_refused_clearly(tmp_path, capsys):
     plain = write_dataset(tmp_path / "odir", n_per_class=6, seed=1, size=120, source="odir")
     assert main(["resolution", "--data", str(plain), "--out", str(tmp_path / "o"), "--sizes", "32"]) == 2
     assert "use EyePACS graded photos" in capsys.readouterr().err
+
+
+def test_the_product_network_can_be_measured_the_same_way():
+    """--arch Xception: the paper's network from scratch behind the same input layers; unknown names refused."""
+    from training.resolution import build_net
+
+    xception = build_net(128, "Xception")
+    assert xception.input_shape == (None, 128, 128, 3) and xception.output_shape == (None, 2)
+    assert xception.count_params() > 20_000_000 > build_net(128).count_params()
+    momenta = {layer.momentum for layer in xception.layers if hasattr(layer, "moving_variance")}
+    assert momenta == {0.9}
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_net(128, "ResNet50")
