@@ -98,9 +98,7 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, aug=None, seed
     seed = cfg.seed if seed is None else seed
     targets = keras.utils.to_categorical(y, 2)
     if cells is not None:
-        from training.adversary import targets as with_cells
-
-        targets = with_cells(targets, cells)
+        targets = adversary.targets(targets, cells)
     if x.ndim == 4 and x.shape[-1] == 4:
         from training.augment import fundus_dataset
 

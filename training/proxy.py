@@ -98,6 +98,7 @@ def paired(run: str | Path, baseline: str | Path) -> dict[str, dict]:
     from types import SimpleNamespace
 
     from training.evaluate import bootstrap_auc_difference
+    from training.metrics import auc
     from training.tasks import TASKS
 
     a, b = (np.load(Path(d) / "predictions.npz") for d in (run, baseline))
@@ -113,7 +114,7 @@ def paired(run: str | Path, baseline: str | Path) -> dict[str, dict]:
         if 0 < y.sum() < len(y):
             diff, lo, hi = bootstrap_auc_difference(y, a["prob"][mask], b["prob"][mask])
             out[task.name] = {"title": task.title, "controlled": task.controlled, "n": int(mask.sum()),
-                              "run": _auc(y, a["prob"][mask]), "baseline": _auc(y, b["prob"][mask]),
+                              "run": auc(y, a["prob"][mask]), "baseline": auc(y, b["prob"][mask]),
                               "difference": diff, "ci95": [lo, hi]}
     return out
 
@@ -129,8 +130,3 @@ def paired_markdown(result: dict[str, dict], run: str, baseline: str) -> str:
                      f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     return "\n".join(lines) + "\n"
 
-
-def _auc(y: np.ndarray, prob: np.ndarray) -> float:
-    from training.metrics import auc
-
-    return float(auc(y, prob))
