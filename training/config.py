@@ -31,8 +31,10 @@ class TrainConfig:
     # How a photo becomes the model input (aisight.preprocess.PREPROCESSING); the card records it.
     preprocessing: str = "resize"
     # Each epoch draws epoch_size training images (0: as many as there are) balanced by: none (every
-    # image once, shuffled), label, or cell (source x label: no source can stand in for a label).
+    # image once, shuffled), label, cell (source x label: no source can stand in for a label), or pairs
+    # (most of each label from the looks that hold both labels, label-balanced within each: training.sampling).
     balance: str = "none"
+    pair_share: float = 0.75  # balance pairs: the share of each label drawn from the looks holding both
     epoch_size: int = 0
     seed: int = 0
     target_sensitivity: float = 0.94

@@ -19,9 +19,9 @@ from training import adversary
 from training.checkpoint import Checkpoint, lr_schedule, warm_restart
 from training.config import TrainConfig, loss_name, make_optimizer
 from training.metrics import classification_metrics, loss_value
+from training.sampling import epoch_indices
 
 SELECT_METRICS = ("val_auc", "val_auc_odir", "val_auc_controlled", "val_loss", "last")
-BALANCE = ("none", "label", "cell")
 
 
 def recalibrate_bn(model, images: np.ndarray, batch_size: int = 32, max_batches: int = 16) -> None:
@@ -112,31 +112,6 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, aug=None, seed
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def epoch_indices(
-    labels: np.ndarray, cells: np.ndarray | None, balance: str, size: int, rng: np.random.Generator
-) -> np.ndarray:
-    """The training images of one epoch.
-
-    ``none``: every image once, shuffled. ``label``: ``size`` draws, half of each label. ``cell``: half of
-    each label, and within a label each cell (folder x source: a camera's look) drawn in proportion to the
-    square root of its size, so that small collections are not drowned out nor copied dozens of times.
-    """
-    n = len(labels)
-    if balance not in BALANCE:
-        raise ValueError(f"unknown balance {balance!r}; choose from {', '.join(BALANCE)}")
-    if balance == "none":
-        order = rng.permutation(n)
-        return order if not size else np.resize(order, size)
-    groups = labels if balance == "label" or cells is None else cells
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    cell_weight = counts.astype(np.float64) ** (0.5 if balance == "cell" else 1.0)
-    weights = cell_weight[inverse] / counts[inverse]  # per image: its cell's weight shared by its images
-    for label in np.unique(labels):  # then each label half of the total
-        m = labels == label
-        weights[m] /= weights[m].sum() * len(np.unique(labels))
-    return rng.choice(n, size=size or n, replace=True, p=weights / weights.sum())
-
-
 def _model_inputs(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Model inputs of ``x[idx]`` (normalising packed fundus crops)."""
     if x.shape[-1] == 4:
@@ -170,6 +145,7 @@ def fit(
     val_tasks: dict[str, np.ndarray] | None = None,
     controlled_tasks: tuple[str, ...] = (),
     train_cells: np.ndarray | None = None,
+    train_looks: np.ndarray | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
 ):
@@ -178,7 +154,8 @@ def fit(
 
     ``val_controlled`` marks the validation images of ODIR (``val_auc_odir``); ``val_tasks`` maps task
     names to validation masks, each scored as ``val_auc_<task>``, and the mean over ``controlled_tasks``
-    is ``val_auc_controlled``. ``train_cells`` (source x label cell per image) serves ``balance='cell'``.
+    is ``val_auc_controlled``. ``train_cells`` (look x label cell per image) serves ``balance='cell'``, with
+    ``train_looks`` (folder x source per image) ``balance='pairs'``.
     With ``checkpoint`` a folder keeps the last epoch's model and optimizer (every epoch) and the best
     weights; ``resume`` continues from it. ``progress`` shows Keras' per-batch bar.
     Returns (model, history rows).
@@ -239,7 +216,7 @@ def fit(
                 log(f"time budget of {cfg.time_budget_minutes:g} min reached after {len(history)} epochs: stopping")
                 break
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)  # the same draws after a resume
-        idx = epoch_indices(y_train, train_cells, cfg.balance, cfg.epoch_size, rng)
+        idx = epoch_indices(y_train, train_cells, cfg.balance, cfg.epoch_size, rng, train_looks, cfg.pair_share)
         if cfg.adversary:
             adversary.set_scale(trainer, cfg.adversary * adversary.ramp(epoch, cfg.epochs))
         ds = train_dataset(x_train[idx], y_train[idx], cfg, aug, seed=cfg.seed * 1000 + epoch,

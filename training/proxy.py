@@ -34,7 +34,7 @@ def run_comparison(
     validate on the validation patients of every source, plus every photo of the left-out source."""
     from training.data import load_arrays, load_sources, split_by_patient
     from training.fit import fit
-    from training.tasks import TASKS, cells, controlled_names, task_masks
+    from training.tasks import TASKS, cells, controlled_names, looks, task_masks
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,8 @@ def run_comparison(
     t0 = time.perf_counter()
     model, history = fit(
         cfg, (x_tr, y_tr), (x_ev, y_ev), log, out / "history.csv", val_tasks=masks,
-        controlled_tasks=controlled_names(), train_cells=cells(train), checkpoint=out / "checkpoint", resume=resume,
+        controlled_tasks=controlled_names(), train_cells=cells(train), train_looks=looks(train),
+        checkpoint=out / "checkpoint", resume=resume,
     )
     from training.fit import predict_proba
     from training.metrics import classification_metrics

@@ -83,8 +83,8 @@ def train_one(side: int, x: dict[str, np.ndarray], y: dict[str, np.ndarray], mas
     import keras
 
     from training.evaluate import bootstrap_auc
-    from training.fit import epoch_indices
     from training.metrics import auc
+    from training.sampling import epoch_indices
 
     keras.utils.set_random_seed(seed)
     model = build_net(side, arch)

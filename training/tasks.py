@@ -83,3 +83,10 @@ def cells(samples: Sequence[Sample]) -> np.ndarray:
     keys = sorted({(s.folder, s.source, s.label) for s in samples})
     index = {k: i for i, k in enumerate(keys)}
     return np.array([index[(s.folder, s.source, s.label)] for s in samples], np.int64)
+
+
+def looks(samples: Sequence[Sample]) -> np.ndarray:
+    """A look number per sample: one per (folder, source), i.e. per camera look whatever the label."""
+    keys = sorted({(s.folder, s.source) for s in samples})
+    index = {k: i for i, k in enumerate(keys)}
+    return np.array([index[(s.folder, s.source)] for s in samples], np.int64)

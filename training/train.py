@@ -64,7 +64,7 @@ def train_and_export(
     from training.data import load_arrays, load_sources, split_by_patient, write_split
     from training.evaluate import SPLIT_FILE, class_metrics, task_metrics
     from training.export import export_artifact
-    from training.tasks import cells, controlled_names, task_masks
+    from training.tasks import cells, controlled_names, looks, task_masks
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,8 @@ def train_and_export(
     model, history = fit(  # the tasks include ODIR (val_auc_odir) where the data has it
         cfg, arrays["train"][:2], arrays["val"][:2], log, history_path,
         val_tasks=task_masks(arrays["val"][2]), controlled_tasks=controlled_names(),
-        train_cells=cells(arrays["train"][2]), checkpoint=run / "checkpoint", resume=resume,
+        train_cells=cells(arrays["train"][2]), train_looks=looks(arrays["train"][2]),
+        checkpoint=run / "checkpoint", resume=resume,
     )
     best_epoch = int(getattr(model, "best_epoch", -1))  # read before to_float32 returns a clone
     model = to_float32(model, cfg)

@@ -13,8 +13,8 @@ import pytest
 
 from training.data import Sample, load_sources, split_by_patient
 from training.evaluate import bootstrap_auc, bootstrap_auc_difference, shortcut_probe, task_metrics
-from training.fit import epoch_indices
 from training.metrics import auc
+from training.sampling import epoch_indices
 from training.synthetic import write_dataset
 from training.tasks import cells, get_task, task_masks
 
@@ -63,6 +63,31 @@ def test_balanced_epochs():
     with pytest.raises(ValueError):
         epoch_indices(labels, cell, "sources", 10, rng)
 
+
+
+def test_pairs_balance_within_each_look():
+    """Looks holding both labels take pair_share of each label, label-balanced within each look (by the
+    square root of the look's size); single-label looks share the rest of their label."""
+    # look 0: 900 healthy + 100 diseased (one collection); look 1: 100 + 300; look 2: 400 diseased only.
+    looks = np.repeat([0, 0, 1, 1, 2], [900, 100, 100, 300, 400])
+    labels = np.repeat([0, 1, 0, 1, 1], [900, 100, 100, 300, 400])
+    cells = looks * 2 + labels
+    rng = np.random.default_rng(0)
+    idx = epoch_indices(labels, cells, "pairs", 40000, rng, looks, 0.75)
+    share = np.bincount(cells[idx], minlength=6) / len(idx)
+    assert labels[idx].mean() == pytest.approx(0.5, abs=0.01)
+    # Healthy: all from the paired looks, sqrt(1000):sqrt(400); diseased: 0.75 of it in the same ratio.
+    assert share[0] / share[2] == pytest.approx(np.sqrt(1000 / 400), rel=0.05)
+    assert share[1] / share[0] == pytest.approx(0.75, rel=0.05) and share[3] / share[2] == pytest.approx(0.75, rel=0.05)
+    assert share[5] == pytest.approx(0.125, abs=0.01)
+    # Where every look holds one label only there is nothing to pair: the cell balance.
+    solo = np.repeat([0, 1], [500, 500])
+    both = epoch_indices(solo, solo, "pairs", 4000, np.random.default_rng(1), solo, 0.75)
+    assert np.bincount(solo[both]).min() > 1800
+    with pytest.raises(ValueError, match="look"):
+        epoch_indices(labels, cells, "pairs", 10, rng)
+    with pytest.raises(ValueError, match="pair_share"):
+        epoch_indices(labels, cells, "pairs", 10, rng, looks, 0.0)
 
 def test_tasks_pick_their_photos(folders):
     ds = load_sources(",".join(map(str, folders)))
