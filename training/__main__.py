@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a stop")
     _add_config_options(p)
 
-    p = sub.add_parser("paired", help="two compare runs on the same photos: per-task AUCs and the paired "
-                                      "difference with a bootstrap interval")
-    p.add_argument("--run", required=True, help="a compare --out folder (the method tried)")
-    p.add_argument("--baseline", required=True, help="a compare --out folder (what it is measured against)")
+    p = sub.add_parser("paired", help="two compare runs (or evaluations) on the same photos: per-task AUCs "
+                                      "and the paired difference with a bootstrap interval")
+    p.add_argument("--run", required=True, help="a compare or evaluate --out folder (the method tried)")
+    p.add_argument("--baseline", required=True, help="a compare or evaluate --out folder (the baseline)")
     p.add_argument("--out", default=None, help="also write paired.md and paired.json here")
 
     p = sub.add_parser("resolution", help="the same small network at several input sizes within one collection "

@@ -249,7 +249,10 @@ def evaluate_model(
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "evaluation.md").write_text(markdown(result))
-    np.savez_compressed(out / "predictions.npz", prob=prob, path=np.array([s.path for s in samples]))
+    # What `python -m training paired` needs to set two evaluations on the same photos side by side.
+    np.savez_compressed(out / "predictions.npz", prob=prob, path=np.array([s.path for s in samples]),
+                        y=np.array([s.label for s in samples]), source=np.array([s.source for s in samples]),
+                        original_label=np.array([s.original_label for s in samples]))
     if write_card:
         if all_photos or exclude_seen_by:
             raise ValueError("--write-card records the model's own held-out photos: drop --all-photos and "

@@ -133,9 +133,10 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_train_resume_and_evaluate_end_to_end(folders, tmp_path):
-    """Tiny but real: fundus-v2 input, cell-balanced epochs, a stop after one epoch, a resume, an evaluation."""
+    """Tiny but real: fundus-v2 input, pair-balanced epochs, a stop after one epoch, a resume, an evaluation,
+    two evaluations set side by side."""
     data = ",".join(map(str, folders))
-    common = ["--data", data, "--arch", "TinyNet", "--preprocessing", "fundus-v2", "--balance", "cell",
+    common = ["--data", data, "--arch", "TinyNet", "--preprocessing", "fundus-v2", "--balance", "pairs",
               "--epoch-size", "32", "--batch-size", "16", "--augment", "--head", "gap", "--trainable", "all",
               "--select-metric", "val_auc_controlled", "--out", str(tmp_path / "model"),
               "--run-dir", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--target-sensitivity", "0.9"]
@@ -173,6 +174,15 @@ def test_train_resume_and_evaluate_end_to_end(folders, tmp_path):
     assert both.returncode == 0, both.stderr[-3000:]
     kept = {patient[p] for p in np.load(tmp_path / "eval2" / "predictions.npz")["path"]}
     assert kept == set(split["test"]) - set(half) and kept
+    # Evaluations pair like compare runs: the same photos give each task's own AUC back, others are refused.
+    same = _cli("paired", "--run", str(tmp_path / "eval2"), "--baseline", str(tmp_path / "eval2"), "--out",
+                str(tmp_path / "pair"), cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-3000:]
+    tasks = json.loads((tmp_path / "eval2" / "evaluation.json").read_text())["tasks"]
+    for name, r in json.loads((tmp_path / "pair" / "paired.json").read_text()).items():
+        assert r["run"] == pytest.approx(tasks[name]["auc"]) and r["difference"] == 0
+    refused = _cli("paired", "--run", str(tmp_path / "eval"), "--baseline", str(tmp_path / "eval2"), cwd=tmp_path)
+    assert refused.returncode != 0 and "same photos" in refused.stderr
 
     # A finished run goes on with a warm restart: a new schedule over the added epochs, recorded for resumes.
     third = _cli("train", *common, "--epochs", "4", "--restart-lr", "0.0003", "--resume", cwd=tmp_path)
