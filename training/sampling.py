@@ -76,12 +76,7 @@ def _pair_weights(labels: np.ndarray, cells: np.ndarray, looks: np.ndarray, pair
         w = np.sqrt([look_size[lk] for lk in kept])[inverse] / counts[inverse]
         weights[inside] = share * w / w.sum()
         if outside.any():
-            weights[outside] = (1.0 - share) * _within(cells[outside])
+            # One label only here, so the cell balance's weights of these images sum to 1.
+            weights[outside] = (1.0 - share) * _sqrt_weights(labels[outside], cells[outside], 0.5)
     return weights / len(names)
 
-
-def _within(groups: np.ndarray) -> np.ndarray:
-    """Per image, summing to 1: each group in proportion to the square root of its size."""
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    w = np.sqrt(counts.astype(np.float64))[inverse] / counts[inverse]
-    return w / w.sum()

@@ -80,13 +80,15 @@ def controlled_names() -> tuple[str, ...]:
 def cells(samples: Sequence[Sample]) -> np.ndarray:
     """A cell number per sample: one per (folder, source, label), i.e. per camera look and label, for
     balanced sampling (eyepacs-256's enhanced EyePACS photos are another look than fundus-eye4's raw ones)."""
-    keys = sorted({(s.folder, s.source, s.label) for s in samples})
-    index = {k: i for i, k in enumerate(keys)}
-    return np.array([index[(s.folder, s.source, s.label)] for s in samples], np.int64)
+    return _numbered([(s.folder, s.source, s.label) for s in samples])
 
 
 def looks(samples: Sequence[Sample]) -> np.ndarray:
     """A look number per sample: one per (folder, source), i.e. per camera look whatever the label."""
-    keys = sorted({(s.folder, s.source) for s in samples})
-    index = {k: i for i, k in enumerate(keys)}
-    return np.array([index[(s.folder, s.source)] for s in samples], np.int64)
+    return _numbered([(s.folder, s.source) for s in samples])
+
+
+def _numbered(keys: list[tuple]) -> np.ndarray:
+    """One number per distinct key, in sorted order of the keys."""
+    index = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return np.array([index[k] for k in keys], np.int64)
